@@ -1,0 +1,182 @@
+"""``cotgen`` command line (typer)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="cotgen: verified, step-by-step autoregressive image generation.", no_args_is_help=True)
+geneval_app = typer.Typer(help="GenEval scoring.", no_args_is_help=True)
+world_app = typer.Typer(help="The embedded GenEval-Shapes world.", no_args_is_help=True)
+app.add_typer(geneval_app, name="geneval")
+app.add_typer(world_app, name="world")
+
+console = Console(stderr=True)
+DEFAULT_DETECTOR = Path("data/detector")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+def _load_detector(path: Path):
+    from cotgen.world.detector import ShapesDetector
+
+    if not (path / "config.json").is_file():
+        _fail(f"no shapes detector at {path}; train one with `cotgen world train-detector --out {path}` "
+              "or `dvc repro detector`")
+    return ShapesDetector.from_pretrained(path)
+
+
+@geneval_app.command("score")
+def geneval_score(
+    folder: Path = typer.Argument(..., help="GenEval folder: <index>/metadata.jsonl and <index>/samples/*.png"),
+    out: Path = typer.Option(..., "--out", help="results file (JSON lines, GenEval's fields)"),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="every prompt of this file must be present"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="score what is there; count the missing"),
+    summary: Optional[Path] = typer.Option(None, "--summary", help="summary JSON (default: OUT with .summary.json)"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="bar chart PNG (default: OUT with .png)"),
+    detector: Path = typer.Option(DEFAULT_DETECTOR, "--detector", help="shapes detector folder"),
+) -> None:
+    """Score a GenEval folder with GenEval's rules; writes results, summary and a bar chart."""
+    from cotgen.geneval.layout import ImageError, LayoutError
+    from cotgen.geneval.metadata import MetadataError
+    from cotgen.geneval.report import format_table, plot_tags, write_summary
+    from cotgen.geneval.scoring import score_folder, write_results
+
+    det = _load_detector(detector)
+    try:
+        results, summ = score_folder(folder, det, metadata_file=metadata, allow_partial=allow_partial)
+    except (LayoutError, ImageError, MetadataError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    summary = summary or out.with_suffix(".summary.json")
+    plot = plot or out.with_suffix(".png")
+    write_results(out, results)
+    write_summary(summary, summ)
+    plot_tags(plot, summ, title=f"GenEval: {folder.name}")
+    print(format_table(summ))
+    console.print(f"results {out}, summary {summary}, chart {plot}")
+
+
+@world_app.command("prompts")
+def world_prompts(
+    out_eval: Path = typer.Option(Path("data/prompts/eval.jsonl"), help="evaluation set (GenEval-Shapes)"),
+    out_train: Path = typer.Option(Path("data/prompts/train.jsonl"), help="training set, disjoint"),
+    train_size: int = typer.Option(4000, min=1),
+    seed: int = typer.Option(43, help="evaluation seed (GenEval: 43)"),
+    n: int = typer.Option(100, min=1, help="draws per tag (GenEval: 100)"),
+) -> None:
+    """Build the GenEval-Shapes evaluation set and a disjoint training set."""
+    from cotgen.geneval.metadata import write_metadata
+    from cotgen.world.prompts import build_shapes_eval_set, build_shapes_train_set
+
+    eval_set = build_shapes_eval_set(seed=seed, n=n)
+    try:
+        train_set = build_shapes_train_set(eval_set, train_size)
+    except ValueError as e:
+        _fail(str(e))
+    write_metadata(out_eval, eval_set)
+    write_metadata(out_train, train_set)
+    console.print(f"{len(eval_set)} evaluation prompts -> {out_eval}; {len(train_set)} training prompts -> {out_train}")
+
+
+@world_app.command("render")
+def world_render(
+    metadata: Path = typer.Argument(..., help="GenEval metadata JSONL"),
+    out: Path = typer.Option(..., "--out", help="GenEval folder to write"),
+    n: int = typer.Option(4, "-n", min=1, help="images per prompt"),
+    seed: int = typer.Option(0),
+    degrade: Optional[str] = typer.Option(None, help="blur | noise | jitter | blocks | all"),
+    near_miss: Optional[str] = typer.Option(None, help="count | color | position | missing (where it applies)"),
+) -> None:
+    """Render ground-truth scenes (or degraded ones, or near misses) as a GenEval folder."""
+    import numpy as np
+
+    from cotgen.geneval.layout import write_folder
+    from cotgen.geneval.metadata import MetadataError, load_metadata
+    from cotgen.world.render import degrade as degrade_image
+    from cotgen.world.render import near_miss_kinds, render_near_miss, render_scene
+
+    try:
+        lines = load_metadata(metadata)
+    except (MetadataError, FileNotFoundError) as e:
+        _fail(str(e))
+    if near_miss:
+        lines = [m for m in lines if near_miss in near_miss_kinds(m)]
+        if not lines:
+            _fail(f"no prompt in {metadata} admits a {near_miss!r} near miss")
+
+    def make(i: int, line: dict):
+        rng = np.random.default_rng([seed, i])
+        images = []
+        for _ in range(n):
+            image = render_near_miss(line, rng, near_miss)[0] if near_miss else render_scene(line, rng)[0]
+            images.append(degrade_image(image, rng, degrade) if degrade else image)
+        return images
+
+    try:
+        write_folder(out, lines, make)
+    except ValueError as e:
+        _fail(str(e))
+    console.print(f"{len(lines)} prompts x {n} images -> {out}")
+
+
+@world_app.command("train-detector")
+def world_train_detector(
+    out: Path = typer.Option(DEFAULT_DETECTOR, "--out"),
+    steps: int = typer.Option(3000, min=1),
+    batch_size: int = typer.Option(128, min=1),
+    seed: int = typer.Option(0),
+) -> None:
+    """Train the shapes detector's classifier (safetensors + config.json in OUT)."""
+    from cotgen.world.detector import train_shapes_detector
+
+    train_shapes_detector(out, steps=steps, seed=seed, batch_size=batch_size)
+    console.print(f"shapes detector -> {out}")
+
+
+@world_app.command("validate")
+def world_validate(
+    detector: Path = typer.Option(DEFAULT_DETECTOR, "--detector"),
+    out: Path = typer.Option(Path("metrics/evaluator_validation.json"), "--out"),
+    images_per_prompt: int = typer.Option(4, min=1),
+    seed: int = typer.Option(0),
+) -> None:
+    """Validate the evaluator: ground truth, degraded renders, near misses."""
+    from cotgen.geneval.report import write_summary
+    from cotgen.world.prompts import build_shapes_eval_set
+    from cotgen.world.validate import validate_evaluator
+
+    metrics = validate_evaluator(_load_detector(detector), build_shapes_eval_set(), images_per_prompt, seed)
+    write_summary(out, metrics)
+    print(json.dumps(metrics, indent=2))
+
+
+@app.command("stage")
+def stage(
+    name: str = typer.Argument(..., help="pipeline stage (see dvc.yaml)"),
+    params: Path = typer.Option(Path("params.yaml"), "--params"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="e.g. tiny"),
+) -> None:
+    """Run one pipeline stage (what `dvc repro` calls)."""
+    from cotgen.pipeline.params import ParamsError, load_params
+    from cotgen.pipeline.stages import STAGES, run_stage
+
+    if name not in STAGES:
+        _fail(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    try:
+        p = load_params(params, profile)
+    except ParamsError as e:
+        _fail(str(e))
+    metrics = run_stage(name, p)
+    if metrics:
+        print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    app()

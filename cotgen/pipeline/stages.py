@@ -1,0 +1,147 @@
+"""One function per DVC stage (DESIGN section 4). ``dvc.yaml`` runs them through
+``cotgen stage NAME``; Prefect flows call the same functions.
+
+Every stage reads its knobs from the params dict, writes into ``root`` (the repository
+by default) and returns the metrics it wrote. Outputs are written to a temporary path
+and moved into place only when complete, so a failed stage leaves earlier outputs as
+they were.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from cotgen.geneval.layout import write_folder
+from cotgen.geneval.metadata import load_metadata, write_metadata
+from cotgen.geneval.report import plot_tags, write_summary
+from cotgen.geneval.scoring import score_folder, write_results
+
+#: Paths of the pipeline's artefacts, relative to the repository root.
+PATHS = {
+    "eval_prompts": "data/prompts/eval.jsonl",
+    "train_prompts": "data/prompts/train.jsonl",
+    "detector": "data/detector",
+    "gt_renders": "data/renders/ground_truth",
+    "gt_results": "data/results/ground_truth.jsonl",
+}
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp.rename(final)
+
+
+def _tmp_dir(final: Path) -> Path:
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def stage_prompts(params: dict, root: Path = Path(".")) -> dict:
+    """Build the GenEval-Shapes evaluation set (GenEval's procedure, seed 43) and the
+    disjoint training set; writes both JSONL files and ``metrics/prompts.json``."""
+    from cotgen.world.prompts import build_shapes_eval_set, build_shapes_train_set
+
+    p = params["prompts"]
+    eval_set = build_shapes_eval_set(seed=p["eval_seed"], n=p["n_per_tag"])
+    train_set = build_shapes_train_set(eval_set, p["train_size"], first_seed=p["train_first_seed"])
+    write_metadata(root / PATHS["eval_prompts"], eval_set)
+    write_metadata(root / PATHS["train_prompts"], train_set)
+    metrics = {
+        "eval": {"prompts": len(eval_set), "tags": dict(Counter(s["tag"] for s in eval_set))},
+        "train": {"prompts": len(train_set), "tags": dict(Counter(s["tag"] for s in train_set))},
+    }
+    write_summary(root / "metrics/prompts.json", metrics)
+    return metrics
+
+
+def stage_detector(params: dict, root: Path = Path(".")) -> dict:
+    """Train the shapes detector's classifier; writes ``data/detector`` (safetensors)."""
+    from cotgen.world.detector import train_shapes_detector
+
+    d = params["detector"]
+    final = root / PATHS["detector"]
+    tmp = _tmp_dir(final)
+    train_shapes_detector(tmp, steps=d["steps"], seed=d["seed"], batch_size=d["batch_size"])
+    _replace_dir(tmp, final)
+    return {}
+
+
+def stage_render_ground_truth(params: dict, root: Path = Path(".")) -> dict:
+    """Render ground-truth scenes of the evaluation set as a GenEval folder
+    (``images_per_prompt`` each, seeded per prompt)."""
+    from cotgen.world.render import render_scene
+
+    n = params["evaluation"]["images_per_prompt"]
+    seed = params["seed"]
+    eval_set = load_metadata(root / PATHS["eval_prompts"])
+    final = root / PATHS["gt_renders"]
+    tmp = _tmp_dir(final)
+
+    def make(i: int, line: dict):
+        rng = np.random.default_rng([seed, i])
+        return [render_scene(line, rng)[0] for _ in range(n)]
+
+    write_folder(tmp, eval_set, make)
+    _replace_dir(tmp, final)
+    return {"prompts": len(eval_set), "images": n * len(eval_set)}
+
+
+def stage_score_ground_truth(params: dict, root: Path = Path(".")) -> dict:
+    """Score the ground-truth folder with the shapes detector; writes the results file,
+    ``metrics/geneval_ground_truth.json`` and ``plots/geneval_ground_truth.png``."""
+    from cotgen.world.detector import ShapesDetector
+
+    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+    results, summary = score_folder(
+        root / PATHS["gt_renders"], detector, metadata_file=root / PATHS["eval_prompts"]
+    )
+    write_results(root / PATHS["gt_results"], results)
+    write_summary(root / "metrics/geneval_ground_truth.json", summary)
+    plot_tags(root / "plots/geneval_ground_truth.png", summary, title="GenEval-Shapes, ground-truth renders")
+    return summary
+
+
+def stage_validate_evaluator(params: dict, root: Path = Path(".")) -> dict:
+    """Check the evaluator on ground truth, degraded renders and near misses; writes
+    ``metrics/evaluator_validation.json``."""
+    from cotgen.world.detector import ShapesDetector
+    from cotgen.world.validate import validate_evaluator
+
+    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+    eval_set = load_metadata(root / PATHS["eval_prompts"])
+    metrics = validate_evaluator(
+        detector, eval_set, images_per_prompt=params["evaluation"]["images_per_prompt"], seed=params["seed"]
+    )
+    write_summary(root / "metrics/evaluator_validation.json", metrics)
+    return metrics
+
+
+STAGES = {
+    "prompts": stage_prompts,
+    "detector": stage_detector,
+    "render_ground_truth": stage_render_ground_truth,
+    "score_ground_truth": stage_score_ground_truth,
+    "validate_evaluator": stage_validate_evaluator,
+}
+
+
+def run_stage(name: str, params: dict, root: Path = Path(".")) -> dict:
+    """Run the stage called ``name``.
+
+    Raises:
+        KeyError: unknown stage (the message lists the known ones).
+    """
+    if name not in STAGES:
+        raise KeyError(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
+    return STAGES[name](params, Path(root))
+
+
+__all__ = ["PATHS", "STAGES", "run_stage"]
