@@ -157,6 +157,89 @@ def world_validate(
     print(json.dumps(metrics, indent=2))
 
 
+DEFAULT_GENERATOR = Path("data/generator")
+
+
+def _load_generator(path: Path):
+    from cotgen.generator.model import ShapesGenerator
+
+    try:
+        return ShapesGenerator.from_pretrained(path)
+    except FileNotFoundError as e:
+        _fail(str(e))
+
+
+def _sampling_config(n: int, cfg_scale: float, temperature: float, top_k: int, seed: int):
+    from cotgen.generator.sampling import SamplingConfig
+
+    return SamplingConfig(n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, seed=seed)
+
+
+@app.command("generate")
+def generate(
+    prompt: str = typer.Argument(..., help='e.g. "a photo of a red circle left of a blue square"'),
+    n: int = typer.Option(4, "-n", min=1, help="candidate paths"),
+    out: Path = typer.Option(Path("outputs/generate"), "--out"),
+    save_steps: bool = typer.Option(False, "--save-steps", help="also save every intermediate image"),
+    generator: Path = typer.Option(DEFAULT_GENERATOR, "--generator"),
+    cfg_scale: float = typer.Option(2.0, "--cfg-scale", min=0.0),
+    temperature: float = typer.Option(1.0, min=1e-3),
+    top_k: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0),
+) -> None:
+    """Generate N candidates for one prompt; writes PNGs and a grid (candidates x steps)."""
+    from cotgen.generator.grid import image_grid
+    from cotgen.generator.sampling import StepwiseSampler
+
+    gen = _load_generator(generator)
+    try:
+        sampler = StepwiseSampler(gen, [prompt], _sampling_config(n, cfg_scale, temperature, top_k, seed))
+    except ValueError as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    columns = []
+    while not sampler.done:
+        sampler.step()
+        columns.append(sampler.images())
+    for j, image in enumerate(columns[-1]):
+        image.save(out / f"{j:04d}.png")
+        if save_steps:
+            for s, col in enumerate(columns):
+                col[j].save(out / f"{j:04d}_step{s + 1:02d}.png")
+    rows = [[col[j] for col in columns] for j in range(n)]
+    image_grid(rows, row_labels=[f"cand {j}" for j in range(n)], col_labels=[f"s{s + 1}" for s in range(len(columns))]).save(out / "grid.png")
+    console.print(f"{n} images and grid.png -> {out}")
+
+
+@app.command("sample")
+def sample(
+    metadata: Path = typer.Option(..., "--metadata", help="GenEval metadata JSONL"),
+    out: Path = typer.Option(..., "--out", help="GenEval folder to write"),
+    n: int = typer.Option(4, "-n", min=1, help="images per prompt"),
+    generator: Path = typer.Option(DEFAULT_GENERATOR, "--generator"),
+    cfg_scale: float = typer.Option(2.0, "--cfg-scale", min=0.0),
+    temperature: float = typer.Option(1.0, min=1e-3),
+    top_k: int = typer.Option(0, min=0),
+    seed: int = typer.Option(0),
+) -> None:
+    """Sample a GenEval folder (N images per prompt) for `cotgen geneval score`."""
+    from cotgen.geneval.layout import write_folder
+    from cotgen.geneval.metadata import MetadataError, load_metadata
+    from cotgen.generator.sampling import sample_images
+
+    try:
+        lines = load_metadata(metadata)
+    except (MetadataError, FileNotFoundError) as e:
+        _fail(str(e))
+    gen = _load_generator(generator)
+    try:
+        images = sample_images(gen, [m["prompt"] for m in lines], _sampling_config(n, cfg_scale, temperature, top_k, seed))
+    except ValueError as e:
+        _fail(str(e))
+    write_folder(out, lines, lambda i, m: images[i])
+    console.print(f"{len(lines)} prompts x {n} images -> {out}")
+
+
 @app.command("stage")
 def stage(
     name: str = typer.Argument(..., help="pipeline stage (see dvc.yaml)"),
