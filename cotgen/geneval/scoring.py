@@ -70,13 +70,16 @@ def score_images(
     return results
 
 
-def summarize(results: Sequence[dict], missing_prompts: int = 0) -> dict:
+def summarize(results: Sequence[dict], missing_prompts: int = 0, n: int = 1) -> dict:
     """GenEval's summary of result lines.
 
-    Returns ``{"overall", "tags", "images", "prompts", "n", "correct_images",
-    "correct_prompts", "missing_prompts"}``: ``overall`` and ``tags`` in [0, 1]
-    (``overall`` = unweighted mean over the tags present), ``correct_images`` and
-    ``correct_prompts`` as fractions in [0, 1], ``n`` = images per prompt (mean).
+    Args:
+        n: candidates generated per final image (1 for plain sampling, N for best-of-N
+            or a search); recorded, not used in the scores.
+    Returns ``{"overall", "tags", "images", "prompts", "n", "images_per_prompt",
+    "correct_images", "correct_prompts", "missing_prompts"}``: ``overall`` and ``tags`` in
+    [0, 1] (``overall`` = unweighted mean over the tags present), ``correct_images`` and
+    ``correct_prompts`` as fractions in [0, 1] (DESIGN section 5's metrics keys).
 
     Raises:
         ValueError: no result lines.
@@ -95,7 +98,8 @@ def summarize(results: Sequence[dict], missing_prompts: int = 0) -> dict:
         "tags": tags,
         "images": len(results),
         "prompts": len(by_prompt),
-        "n": len(results) / len(by_prompt),
+        "n": n,
+        "images_per_prompt": len(results) / len(by_prompt),
         "correct_images": sum(bool(r["correct"]) for r in results) / len(results),
         "correct_prompts": sum(any(v) for v in by_prompt.values()) / len(by_prompt),
         "missing_prompts": missing_prompts,

@@ -27,6 +27,10 @@ PATHS = {
     "detector": "data/detector",
     "gt_renders": "data/renders/ground_truth",
     "gt_results": "data/results/ground_truth.jsonl",
+    "tokenizer": "data/tokenizer",
+    "generator": "data/generator",
+    "baseline_samples": "data/samples/baseline",
+    "baseline_results": "data/results/baseline.jsonl",
 }
 
 
@@ -124,12 +128,120 @@ def stage_validate_evaluator(params: dict, root: Path = Path(".")) -> dict:
     return metrics
 
 
+def stage_tokenizer(params: dict, root: Path = Path(".")) -> dict:
+    """Train the VQ image tokenizer on renders of training prompts; writes ``data/tokenizer``."""
+    from cotgen.tokenizer.vq import train_vq_tokenizer
+
+    t = params["tokenizer"]
+    final = root / PATHS["tokenizer"]
+    tmp = _tmp_dir(final)
+    _, metrics = train_vq_tokenizer(
+        tmp, steps=t["steps"], batch_size=t["batch_size"], seed=t["seed"], lr=t["lr"],
+        codebook_size=t["model"]["codebook_size"], config=dict(t["model"]),
+    )
+    _replace_dir(tmp, final)
+    return {k: v for k, v in metrics.items() if k != "loss_history"}
+
+
+def stage_tokenizer_check(params: dict, root: Path = Path(".")) -> dict:
+    """GenEval of encode -> decode reconstructions of ground-truth evaluation renders and
+    codebook usage; writes ``metrics/tokenizer.json`` and ``plots/tokenizer_reconstructions.png``."""
+    from cotgen.tokenizer.vq import VQTokenizer, reconstruction_check
+    from cotgen.world.detector import ShapesDetector
+
+    tokenizer = VQTokenizer.from_pretrained(root / PATHS["tokenizer"])
+    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+    (root / "plots").mkdir(parents=True, exist_ok=True)
+    check = reconstruction_check(
+        tokenizer, detector, load_metadata(root / PATHS["eval_prompts"]),
+        images_per_prompt=params["evaluation"]["images_per_prompt"], seed=params["seed"],
+        grid_path=root / "plots/tokenizer_reconstructions.png",
+    )
+    metrics = {k: v for k, v in check.items() if k != "results"}
+    write_summary(root / "metrics/tokenizer.json", metrics)
+    return metrics
+
+
+def _load_generator_parts(root: Path):
+    from cotgen.tokenizer.text import build_text_tokenizer
+    from cotgen.tokenizer.vq import VQTokenizer
+
+    image_tokenizer = VQTokenizer.from_pretrained(root / PATHS["tokenizer"])
+    image_tokenizer.eval()
+    return build_text_tokenizer(), image_tokenizer
+
+
+def stage_generator(params: dict, root: Path = Path(".")) -> dict:
+    """Train the AR generator on rendered scenes of the *training* prompts; writes
+    ``data/generator`` and ``metrics/generator_train.json``."""
+    from cotgen.generator.train import train_generator
+
+    g = params["generator"]
+    text, image_tokenizer = _load_generator_parts(root)
+    final = root / PATHS["generator"]
+    tmp = _tmp_dir(final)
+    _, metrics = train_generator(
+        tmp, load_metadata(root / PATHS["train_prompts"]), text, image_tokenizer,
+        num_images=g["num_images"], steps=g["steps"], batch_size=g["batch_size"],
+        learning_rate=g["learning_rate"], cond_dropout=g["cond_dropout"], tag_weights=g.get("tag_weights"),
+        model_size=g["model"], prompt_len=g["prompt_len"], seed=g["seed"],
+    )
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    _replace_dir(tmp, final)
+    write_summary(root / "metrics/generator_train.json", metrics)
+    return metrics
+
+
+def sampling_config(params: dict, n: int = 1):
+    """The :class:`SamplingConfig` of ``params["sampling"]`` with ``n`` paths."""
+    from cotgen.generator.sampling import SamplingConfig
+
+    s = params["sampling"]
+    return SamplingConfig(n=n, cfg_scale=s["cfg_scale"], temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"])
+
+
+def stage_sample_baseline(params: dict, root: Path = Path(".")) -> dict:
+    """Plain sampling of the evaluation set, ``images_per_prompt`` per prompt, as a GenEval folder."""
+    from cotgen.generator.model import ShapesGenerator
+    from cotgen.generator.sampling import sample_images
+
+    generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
+    eval_set = load_metadata(root / PATHS["eval_prompts"])
+    n = params["evaluation"]["images_per_prompt"]
+    images = sample_images(generator, [m["prompt"] for m in eval_set], sampling_config(params, n))
+    final = root / PATHS["baseline_samples"]
+    tmp = _tmp_dir(final)
+    write_folder(tmp, eval_set, lambda i, m: images[i])
+    _replace_dir(tmp, final)
+    return {"prompts": len(eval_set), "images": n * len(eval_set)}
+
+
+def stage_score_baseline(params: dict, root: Path = Path(".")) -> dict:
+    """GenEval of the baseline folder: ``metrics/geneval_baseline.json``, a bar chart and
+    a grid of samples (``plots/``)."""
+    from cotgen.world.detector import ShapesDetector
+
+    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+    results, summary = score_folder(
+        root / PATHS["baseline_samples"], detector, metadata_file=root / PATHS["eval_prompts"]
+    )
+    write_results(root / PATHS["baseline_results"], results)
+    write_summary(root / "metrics/geneval_baseline.json", summary)
+    plot_tags(root / "plots/geneval_baseline.png", summary, title="GenEval-Shapes, baseline (plain sampling)")
+    return summary
+
+
 STAGES = {
     "prompts": stage_prompts,
     "detector": stage_detector,
     "render_ground_truth": stage_render_ground_truth,
     "score_ground_truth": stage_score_ground_truth,
     "validate_evaluator": stage_validate_evaluator,
+    "tokenizer": stage_tokenizer,
+    "tokenizer_check": stage_tokenizer_check,
+    "generator": stage_generator,
+    "sample_baseline": stage_sample_baseline,
+    "score_baseline": stage_score_baseline,
 }
 
 

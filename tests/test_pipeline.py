@@ -1,0 +1,77 @@
+"""The whole pipeline on the tiny profile, stage by stage, in a temporary root."""
+
+import json
+import shutil
+
+import pytest
+
+from cotgen.pipeline.params import ParamsError, load_params
+from cotgen.pipeline.stages import PATHS, STAGES, run_stage
+
+from .conftest import REPO
+
+ORDER = ["prompts", "detector", "render_ground_truth", "score_ground_truth", "validate_evaluator",
+         "tokenizer", "tokenizer_check", "generator", "sample_baseline", "score_baseline"]
+
+
+def test_dvc_yaml_names_every_stage():
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGES) == set(ORDER)
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"cotgen stage {name}"
+
+
+def test_params_profiles(tmp_path):
+    tiny = load_params(REPO / "params.yaml", "tiny")
+    default = load_params(REPO / "params.yaml")
+    assert tiny["detector"]["steps"] < default["detector"]["steps"]
+    assert tiny["detector"]["seed"] == default["detector"]["seed"]  # merged, not replaced
+    with pytest.raises(ParamsError, match="unknown profile 'huge'"):
+        load_params(REPO / "params.yaml", "huge")
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    params = load_params(REPO / "params.yaml", "tiny")
+    metrics = {name: run_stage(name, params, root) for name in ORDER}
+    return root, params, metrics
+
+
+def test_tiny_pipeline_writes_every_output(tiny_run):
+    root, params, metrics = tiny_run
+    for key in PATHS:
+        assert (root / PATHS[key]).exists(), key
+    for name in ("geneval_ground_truth", "geneval_baseline"):
+        summary = json.loads((root / f"metrics/{name}.json").read_text())
+        assert {"overall", "tags", "images", "prompts", "n"} <= set(summary)
+        assert summary["prompts"] == metrics["prompts"]["eval"]["prompts"]
+    validation = json.loads((root / "metrics/evaluator_validation.json").read_text())
+    assert {"ground_truth_overall", "degraded_overall", "near_miss_correct_rate"} <= set(validation)
+    tok = json.loads((root / "metrics/tokenizer.json").read_text())
+    assert 0 < tok["codebook_usage"] <= 1
+    train = {json.dumps(m) for m in map(json.loads, (root / PATHS["train_prompts"]).read_text().splitlines())}
+    evals = {json.loads(m)["prompt"] for m in (root / PATHS["eval_prompts"]).read_text().splitlines()}
+    assert not {json.loads(m)["prompt"] for m in train} & evals
+
+
+def test_failed_stage_leaves_earlier_outputs(tiny_run):
+    root, params, _ = tiny_run
+    before = sorted(p.name for p in (root / PATHS["generator"]).iterdir())
+    stamp = (root / PATHS["generator"] / "generator.json").read_bytes()
+    bad = json.loads(json.dumps(params))
+    bad["generator"]["cond_dropout"] = 1.5
+    with pytest.raises(ValueError, match="condition dropout"):
+        run_stage("generator", bad, root)
+    assert sorted(p.name for p in (root / PATHS["generator"]).iterdir()) == before
+    assert (root / PATHS["generator"] / "generator.json").read_bytes() == stamp
+    shutil.rmtree(root / "data/generator.tmp", ignore_errors=True)
+
+
+def test_unknown_stage():
+    with pytest.raises(KeyError, match="unknown stage 'nope'"):
+        run_stage("nope", {})
