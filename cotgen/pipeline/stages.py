@@ -98,19 +98,23 @@ def stage_render_ground_truth(params: dict, root: Path = Path(".")) -> dict:
     return {"prompts": len(eval_set), "images": n * len(eval_set)}
 
 
-def stage_score_ground_truth(params: dict, root: Path = Path(".")) -> dict:
-    """Score the ground-truth folder with the shapes detector; writes the results file,
-    ``metrics/geneval_ground_truth.json`` and ``plots/geneval_ground_truth.png``."""
+def score_eval_folder(root: Path, folder_key: str, name: str, title: str) -> dict:
+    """Score a GenEval folder of the evaluation set with the shapes detector; writes
+    ``data/results/<name>.jsonl``, ``metrics/geneval_<name>.json`` and
+    ``plots/geneval_<name>.png``. Every evaluation prompt must be present."""
     from cotgen.world.detector import ShapesDetector
 
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
-    results, summary = score_folder(
-        root / PATHS["gt_renders"], detector, metadata_file=root / PATHS["eval_prompts"]
-    )
-    write_results(root / PATHS["gt_results"], results)
-    write_summary(root / "metrics/geneval_ground_truth.json", summary)
-    plot_tags(root / "plots/geneval_ground_truth.png", summary, title="GenEval-Shapes, ground-truth renders")
+    results, summary = score_folder(root / PATHS[folder_key], detector, metadata_file=root / PATHS["eval_prompts"])
+    write_results(root / f"data/results/{name}.jsonl", results)
+    write_summary(root / f"metrics/geneval_{name}.json", summary)
+    plot_tags(root / f"plots/geneval_{name}.png", summary, title=title)
     return summary
+
+
+def stage_score_ground_truth(params: dict, root: Path = Path(".")) -> dict:
+    """GenEval of the ground-truth renders (the evaluator's ceiling)."""
+    return score_eval_folder(root, "gt_renders", "ground_truth", "GenEval-Shapes, ground-truth renders")
 
 
 def stage_validate_evaluator(params: dict, root: Path = Path(".")) -> dict:
@@ -217,18 +221,8 @@ def stage_sample_baseline(params: dict, root: Path = Path(".")) -> dict:
 
 
 def stage_score_baseline(params: dict, root: Path = Path(".")) -> dict:
-    """GenEval of the baseline folder: ``metrics/geneval_baseline.json``, a bar chart and
-    a grid of samples (``plots/``)."""
-    from cotgen.world.detector import ShapesDetector
-
-    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
-    results, summary = score_folder(
-        root / PATHS["baseline_samples"], detector, metadata_file=root / PATHS["eval_prompts"]
-    )
-    write_results(root / PATHS["baseline_results"], results)
-    write_summary(root / "metrics/geneval_baseline.json", summary)
-    plot_tags(root / "plots/geneval_baseline.png", summary, title="GenEval-Shapes, baseline (plain sampling)")
-    return summary
+    """GenEval of the baseline folder (plain sampling)."""
+    return score_eval_folder(root, "baseline_samples", "baseline", "GenEval-Shapes, baseline (plain sampling)")
 
 
 STAGES = {
