@@ -170,6 +170,8 @@ def test_vq_save_load_round_trip(tiny_vq, tmp_path):
     x = _images(4, seed=1)
     assert torch.equal(loaded.encode(x), model.encode(x))
     assert torch.equal(loaded.background_tokens, model.background_tokens)
+    # the training-only usage buffer is not saved; it must come back clean, not as garbage
+    assert torch.equal(loaded.quantizer.usage, torch.ones(64))
     tok = model.encode(x)
     assert torch.equal(loaded.decode(tok), model.decode(tok))
 

@@ -140,7 +140,7 @@ def stage_tokenizer(params: dict, root: Path = Path(".")) -> dict:
     final = root / PATHS["tokenizer"]
     tmp = _tmp_dir(final)
     _, metrics = train_vq_tokenizer(
-        tmp, steps=t["steps"], batch_size=t["batch_size"], seed=t["seed"], lr=t["lr"],
+        tmp, steps=t["steps"], batch_size=t["batch_size"], seed=t["seed"], lr=t["lr"], edge_weight=t["edge_weight"],
         codebook_size=t["model"]["codebook_size"], config=dict(t["model"]),
     )
     _replace_dir(tmp, final)

@@ -288,6 +288,8 @@ class VQTokenizer(PreTrainedModel):
             hf_init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             hf_init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, VectorQuantizer):
+            hf_init.ones_(module.usage)  # non-persistent: not in checkpoints, re-made on load
 
     # -- properties ------------------------------------------------------------------
     @property
@@ -589,11 +591,11 @@ def train_vq_tokenizer(
     seed: int = 0,
     codebook_size: int = 512,
     progress: bool = True,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     warmup: int = 100,
     l1_weight: float = 0.2,
     foreground_weight: float = 4.0,
-    edge_weight: float = 0.0,
+    edge_weight: float = 4.0,
     train_prompts: int = 4000,
     config: VQConfig | dict | None = None,
     eval_images: int = 512,
@@ -790,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--codebook-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (results depend on it)")
     p.add_argument("--check-detector", default=None, metavar="DIR",
                    help="after training, run reconstruction_check with the ShapesDetector in DIR "
