@@ -26,7 +26,7 @@ PATHS = {
     "train_prompts": "data/prompts/train.jsonl",
     "detector": "data/detector",
     "gt_renders": "data/renders/ground_truth",
-    "gt_results": "data/results/ground_truth.jsonl",
+    "ground_truth_results": "data/results/ground_truth.jsonl",
     "tokenizer": "data/tokenizer",
     "generator": "data/generator",
     "baseline_samples": "data/samples/baseline",
@@ -100,13 +100,13 @@ def stage_render_ground_truth(params: dict, root: Path = Path(".")) -> dict:
 
 def score_eval_folder(root: Path, folder_key: str, name: str, title: str) -> dict:
     """Score a GenEval folder of the evaluation set with the shapes detector; writes
-    ``data/results/<name>.jsonl``, ``metrics/geneval_<name>.json`` and
+    ``PATHS["<name>_results"]``, ``metrics/geneval_<name>.json`` and
     ``plots/geneval_<name>.png``. Every evaluation prompt must be present."""
     from cotgen.world.detector import ShapesDetector
 
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     results, summary = score_folder(root / PATHS[folder_key], detector, metadata_file=root / PATHS["eval_prompts"])
-    write_results(root / f"data/results/{name}.jsonl", results)
+    write_results(root / PATHS[f"{name}_results"], results)
     write_summary(root / f"metrics/geneval_{name}.json", summary)
     plot_tags(root / f"plots/geneval_{name}.png", summary, title=title)
     return summary
