@@ -1,0 +1,1 @@
+"""Reward models (judges) of the method and their training data (DESIGN section 4)."""

@@ -1,0 +1,5 @@
+"""Test-time search strategies: sample, best-of-N, step-level PRM, PARM."""
+
+from cotgen.search.strategies import STRATEGIES, PathTrace, SearchConfig, SearchResult, search
+
+__all__ = ["STRATEGIES", "PathTrace", "SearchConfig", "SearchResult", "search"]
