@@ -169,3 +169,17 @@ def test_top_k_one_is_greedy(gen):
 def test_sample_images_shapes(gen):
     images = sample_images(gen, PROMPTS, SamplingConfig(n=2, seed=0), batch_prompts=1)
     assert [len(row) for row in images] == [2, 2]
+
+
+def test_rollout_from_prefix_continues_the_path(gen):
+    """Greedy (top-k 1) roll-outs from a path's first step reproduce the path's rest."""
+    full = run(gen, PROMPTS, n=1, top_k=1, cfg_scale=2.0, tokens_per_step=16)
+    prefix = torch.tensor([p.tokens[:16] for p in full.paths])
+    roll = StepwiseSampler(gen, PROMPTS, SamplingConfig(n=3, top_k=1, cfg_scale=2.0, tokens_per_step=16), prefix)
+    assert roll.step_index == 1
+    roll.run()
+    for path in roll.paths:
+        assert path.tokens == full.paths[path.prompt_index].tokens
+        assert path.image_tokens == gen.num_image_tokens - 16
+    with pytest.raises(ValueError, match="multiple of the step"):
+        StepwiseSampler(gen, PROMPTS, SamplingConfig(n=1, tokens_per_step=16), prefix[:, :5])

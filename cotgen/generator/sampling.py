@@ -100,11 +100,21 @@ class StepwiseSampler:
         generator: the AR generator.
         prompts: P prompts (words of the world's vocabulary).
         config: sampling knobs.
+        prefix_tokens: optional ``(P, L)`` long image codes every path of a prompt starts
+            from (roll-outs from a step, Math-Shepherd style); ``L`` must be a multiple
+            of the step size. Sampling then starts at step ``L / tokens_per_step``;
+            the prefix counts in ``Path.tokens`` but not in ``image_tokens``.
     Raises:
-        ValueError: a bad knob or prompt (named).
+        ValueError: a bad knob, prompt or prefix (named).
     """
 
-    def __init__(self, generator: ShapesGenerator, prompts: Sequence[str], config: SamplingConfig) -> None:
+    def __init__(
+        self,
+        generator: ShapesGenerator,
+        prompts: Sequence[str],
+        config: SamplingConfig,
+        prefix_tokens: torch.Tensor | None = None,
+    ) -> None:
         self.g = generator
         self.prompts = list(prompts)
         self.config = config
@@ -115,14 +125,29 @@ class StepwiseSampler:
         blocks = generator.encode_prompts(self.prompts)
         n = config.n
         self.paths = [Path(i, p, j) for i, (p, j) in enumerate((p, j) for p in range(len(prompts)) for j in range(n))]
+        start = torch.zeros((len(prompts), 0), dtype=torch.long)
+        if prefix_tokens is not None:
+            start = torch.as_tensor(prefix_tokens, dtype=torch.long).reshape(len(prompts), -1)
+            length = start.shape[1]
+            if length % self.tokens_per_step or length >= generator.num_image_tokens:
+                raise ValueError(
+                    f"prefix of {length} tokens must be a multiple of the step ({self.tokens_per_step}) "
+                    f"and shorter than the image ({generator.num_image_tokens})"
+                )
+            if length and (start.min() < 0 or start.max() >= generator.codebook_size):
+                raise ValueError(f"prefix codes must lie in [0, {generator.codebook_size})")
+            self.step_index = length // self.tokens_per_step
+            for path in self.paths:
+                path.tokens = start[path.prompt_index].tolist()
         self._rngs = {
             path.id: torch.Generator().manual_seed(path_seed(config.seed, self.prompts[path.prompt_index], path.candidate))
             for path in self.paths
         }
         self._rows = [path.id for path in self.paths]  # batch row -> path id (cond half)
-        prefix = generator.prefix(blocks)
+        prefix = torch.cat([generator.prefix(blocks), start + generator.text_vocab], dim=1)
         if self.cfg:
-            prefix = torch.cat([prefix, generator.prefix(generator.null_prompts(len(prompts)))])
+            null = generator.prefix(generator.null_prompts(len(prompts)))
+            prefix = torch.cat([prefix, torch.cat([null, start + generator.text_vocab], dim=1)])
         self._cache = DynamicCache()
         with torch.no_grad():
             out = generator.model(input_ids=prefix, cache=self._cache, use_cache=True)

@@ -1,0 +1,234 @@
+"""Training data of the reward models (paper section 3; DESIGN section 1).
+
+Trajectories: several paths per *training* prompt, sampled with the generator; a path's
+intermediate image after step ``s`` is its first ``s * tokens_per_step`` tokens decoded
+with the rest drawn as background, so the tokens are all that is stored.
+
+Labels, all from the GenEval-Shapes evaluator (detector + GenEval's rules):
+
+- outcome (ORM): the final image is correct, with the evaluator's reason;
+- step (PRM), Math-Shepherd style: from step ``s`` of a path, ``k`` completions are
+  rolled out; the step is "yes" if any of them ends correct;
+- clarity (PARM stage 1): step ``s`` is clear iff ``s >= clarity_boundary`` (the
+  paper's static rule: late steps clear, early ones not);
+- potential (PARM stage 2): every step from the first clear one on inherits its path's
+  outcome label.
+
+Prompts are split into train / held-out (judges are measured on held-out prompts only).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from cotgen.generator.sampling import SamplingConfig, StepwiseSampler
+from cotgen.geneval.scoring import judge_image
+
+TOKENS_FILE = "tokens.safetensors"
+PATHS_FILE = "paths.jsonl"
+PRM_FILE = "prm.jsonl"
+
+
+@dataclass
+class Trajectories:
+    """Sampled paths and their labels.
+
+    Attributes:
+        tokens: ``(M, g*g)`` long image codes of the M paths (raster order).
+        paths: M dicts: ``prompt``, ``tag``, ``metadata`` (GenEval metadata line),
+            ``candidate``, ``split`` ("train" | "heldout"), ``correct`` (bool outcome
+            label), ``reason`` (the evaluator's).
+        prm: step labels: dicts ``path`` (row of ``tokens``), ``step`` (1-based),
+            ``correct`` (any roll-out correct), ``rollouts_correct`` (how many of k).
+        tokens_per_step: image tokens per step.
+    """
+
+    tokens: torch.Tensor
+    paths: list[dict]
+    prm: list[dict]
+    tokens_per_step: int
+
+    @property
+    def num_steps(self) -> int:
+        return self.tokens.shape[1] // self.tokens_per_step
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"tokens": self.tokens.to(torch.int16).contiguous()}, str(directory / TOKENS_FILE),
+                  metadata={"tokens_per_step": str(self.tokens_per_step)})
+        _write_jsonl(directory / PATHS_FILE, self.paths)
+        _write_jsonl(directory / PRM_FILE, self.prm)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Trajectories:
+        """Raises FileNotFoundError naming the missing file."""
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        for name in (TOKENS_FILE, PATHS_FILE, PRM_FILE):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing; run `dvc repro trajectories`")
+        with safe_open(str(directory / TOKENS_FILE), "pt") as f:
+            tps = int(f.metadata()["tokens_per_step"])
+        tokens = load_file(str(directory / TOKENS_FILE))["tokens"].long()
+        return cls(tokens, _read_jsonl(directory / PATHS_FILE), _read_jsonl(directory / PRM_FILE), tps)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def split_prompts(prompts: Sequence[str], heldout_fraction: float, seed: int) -> dict[str, str]:
+    """Prompt -> "train" | "heldout", a seeded random split of the distinct prompts."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction must lie in (0, 1), got {heldout_fraction}")
+    distinct = sorted(set(prompts))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(distinct))
+    n_held = max(1, round(heldout_fraction * len(distinct)))
+    held = {distinct[i] for i in order[:n_held]}
+    return {p: ("heldout" if p in held else "train") for p in distinct}
+
+
+def label_images(detector, images, metas) -> list[tuple[bool, str]]:
+    """The evaluator's (correct, reason) for each (image, metadata) pair."""
+    out = []
+    for image, meta in zip(images, metas):
+        correct, reason, _ = judge_image(detector, image, meta)
+        out.append((bool(correct), reason))
+    return out
+
+
+def sample_trajectories(
+    generator,
+    detector,
+    prompts: Sequence[dict],
+    paths_per_prompt: int,
+    sampling: SamplingConfig,
+    heldout_fraction: float = 0.2,
+    prm_steps: Sequence[int] = (),
+    prm_rollouts: int = 4,
+    prm_paths_per_prompt: int = 1,
+    batch_prompts: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> Trajectories:
+    """Sample and label trajectories of training prompts.
+
+    Args:
+        generator: the generator to sample from.
+        detector: the GenEval-Shapes detector (the evaluator's eyes).
+        prompts: GenEval metadata lines of *training* prompts.
+        paths_per_prompt: paths sampled per prompt.
+        sampling: knobs (its ``n`` is replaced by ``paths_per_prompt``).
+        heldout_fraction: share of prompts held out for measuring judges.
+        prm_steps: steps (1-based) from which PRM roll-outs start; empty = no PRM labels.
+        prm_rollouts: k, completions per (path, step).
+        prm_paths_per_prompt: the first this many paths of each prompt get PRM labels.
+    Returns:
+        :class:`Trajectories`.
+    Raises:
+        ValueError: a bad knob (named).
+    """
+    if paths_per_prompt < 1 or prm_rollouts < 1:
+        raise ValueError("paths_per_prompt and prm_rollouts must be >= 1")
+    cfg = SamplingConfig(**{**sampling.__dict__, "n": paths_per_prompt})
+    split = split_prompts([m["prompt"] for m in prompts], heldout_fraction, seed)
+    tokens, paths = [], []
+    for start in tqdm(range(0, len(prompts), batch_prompts), desc="trajectories", disable=not progress):
+        chunk = prompts[start : start + batch_prompts]
+        sampler = StepwiseSampler(generator, [m["prompt"] for m in chunk], cfg)
+        sampler.run()
+        images = sampler.images()
+        metas = [chunk[p.prompt_index] for p in sampler.paths]
+        for p, (correct, reason), meta in zip(sampler.paths, label_images(detector, images, metas), metas):
+            tokens.append(p.tokens)
+            paths.append({"prompt": meta["prompt"], "tag": meta["tag"], "metadata": meta, "candidate": p.candidate,
+                          "split": split[meta["prompt"]], "correct": correct, "reason": reason})
+    tokens_t = torch.tensor(tokens, dtype=torch.long)
+    tps = cfg.check(generator.num_image_tokens, generator.grid_size)
+    prm = prm_labels(generator, detector, tokens_t, paths, prm_steps, prm_rollouts, prm_paths_per_prompt, cfg, tps,
+                     batch_prompts, progress)
+    return Trajectories(tokens_t, paths, prm, tps)
+
+
+def prm_labels(generator, detector, tokens, paths, steps, k, paths_per_prompt, cfg, tps, batch_rows=8, progress=True):
+    """Math-Shepherd step labels: from step ``s`` of a path roll out ``k`` completions
+    (sampling seed offset by the step); "yes" if any ends correct."""
+    rows = [i for i, p in enumerate(paths) if p["candidate"] < paths_per_prompt]
+    jobs = [(i, s) for s in steps for i in rows]
+    out = []
+    for start in tqdm(range(0, len(jobs), batch_rows), desc="PRM roll-outs", disable=not progress or not jobs):
+        chunk = jobs[start : start + batch_rows]
+        by_step: dict[int, list[int]] = {}
+        for i, s in chunk:
+            by_step.setdefault(s, []).append(i)
+        for s, idx in by_step.items():
+            roll_cfg = SamplingConfig(**{**cfg.__dict__, "n": k, "seed": cfg.seed + 7919 * s})
+            sampler = StepwiseSampler(generator, [paths[i]["prompt"] for i in idx], roll_cfg, tokens[idx, : s * tps])
+            sampler.run()
+            images = sampler.images()
+            metas = [paths[idx[p.prompt_index]]["metadata"] for p in sampler.paths]
+            labels = label_images(detector, images, metas)
+            for j, i in enumerate(idx):
+                n_ok = sum(labels[j * k + r][0] for r in range(k))
+                out.append({"path": i, "step": s, "correct": n_ok > 0, "rollouts_correct": n_ok})
+    return out
+
+
+def judge_examples(traj: Trajectories, clarity_boundary: int, questions: Sequence[str] | None = None) -> list[dict]:
+    """The judge's labelled examples: dicts ``path``, ``step`` (1-based; ``num_steps`` =
+    final), ``question``, ``label`` (bool), ``split``.
+
+    outcome: final step, the path's label; clarity: every step, ``step >=
+    clarity_boundary``; potential: steps from ``clarity_boundary`` on, the path's
+    outcome label; step: the PRM labels.
+
+    Raises:
+        ValueError: a boundary outside 1..num_steps.
+    """
+    S = traj.num_steps
+    if not 1 <= clarity_boundary <= S:
+        raise ValueError(f"clarity_boundary must lie in 1..{S}, got {clarity_boundary}")
+    wanted = set(questions or ("outcome", "clarity", "potential", "step"))
+    ex = []
+    for i, p in enumerate(traj.paths):
+        base = {"path": i, "split": p["split"]}
+        if "outcome" in wanted:
+            ex.append({**base, "step": S, "question": "outcome", "label": p["correct"]})
+        if "clarity" in wanted:
+            ex += [{**base, "step": s, "question": "clarity", "label": s >= clarity_boundary} for s in range(1, S)]
+        if "potential" in wanted:
+            ex += [{**base, "step": s, "question": "potential", "label": p["correct"]} for s in range(clarity_boundary, S)]
+    if "step" in wanted:
+        ex += [{"path": r["path"], "split": traj.paths[r["path"]]["split"], "step": r["step"], "question": "step",
+                "label": r["correct"]} for r in traj.prm]
+    return ex
+
+
+def data_summary(traj: Trajectories) -> dict:
+    """Counts and label rates for ``metrics/reward_data.json``."""
+    paths = traj.paths
+    tags = sorted({p["tag"] for p in paths})
+    return {
+        "paths": len(paths),
+        "prompts": len({p["prompt"] for p in paths}),
+        "heldout_paths": sum(p["split"] == "heldout" for p in paths),
+        "outcome_yes_rate": float(np.mean([p["correct"] for p in paths])) if paths else 0.0,
+        "outcome_yes_rate_by_tag": {t: float(np.mean([p["correct"] for p in paths if p["tag"] == t])) for t in tags},
+        "prm_labels": len(traj.prm),
+        "prm_yes_rate": float(np.mean([r["correct"] for r in traj.prm])) if traj.prm else None,
+    }

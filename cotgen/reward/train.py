@@ -1,0 +1,175 @@
+"""Training and measuring the judge on labelled trajectories (issue 4).
+
+The examples come from :func:`cotgen.reward.data.judge_examples`; each (path, step)
+image is decoded once from its tokens (tokens not generated yet drawn as background),
+turned into the judge's inputs once, and reused by every question asked about it.
+Training uses the transformers ``Trainer``; held-out prompts are never trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score, roc_auc_score
+from tqdm import tqdm
+from transformers import Trainer, TrainingArguments
+
+from cotgen.reward.data import Trajectories
+from cotgen.reward.object_judge import QUESTION_IDS, ObjectJudge, ObjectJudgeConfig, ObjectJudgeModel, image_features
+
+
+def decode_steps(traj: Trajectories, image_tokenizer, keys: Sequence[tuple[int, int]], batch_size: int = 256):
+    """Intermediate images of ``(path, step)`` keys (step = steps completed), as PIL."""
+    from cotgen.tokenizer.vq import tensor_to_pil
+
+    g = int(round(traj.tokens.shape[1] ** 0.5))
+    images = []
+    for start in range(0, len(keys), batch_size):
+        chunk = keys[start : start + batch_size]
+        codes = traj.tokens[[p for p, _ in chunk]].view(-1, g, g)
+        known = torch.zeros(len(chunk), g * g, dtype=torch.bool)
+        for row, (_, s) in enumerate(chunk):
+            known[row, : s * traj.tokens_per_step] = True
+        with torch.no_grad():
+            images += tensor_to_pil(image_tokenizer.decode_masked(codes, known.view(-1, g, g)))
+    return images
+
+
+class FeatureBank:
+    """Judge inputs of every (path, step) image used by a set of examples."""
+
+    def __init__(self, traj: Trajectories, image_tokenizer, examples: Sequence[dict], config: ObjectJudgeConfig,
+                 progress: bool = True, chunk: int = 512) -> None:
+        self.keys = sorted({(e["path"], e["step"]) for e in examples})
+        self.index = {k: i for i, k in enumerate(self.keys)}
+        parts = []
+        for start in tqdm(range(0, len(self.keys), chunk), desc="judge features", disable=not progress):
+            images = decode_steps(traj, image_tokenizer, self.keys[start : start + chunk])
+            parts.append(image_features(images, config))
+        self.features = {k: torch.cat([p[k] for p in parts]) for k in ("crops", "geometry", "object_mask")}
+
+    def get(self, rows: Sequence[int]) -> dict:
+        return {k: v[list(rows)] for k, v in self.features.items()}
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples, bank: FeatureBank, words: torch.Tensor, num_steps: int) -> None:
+        self.examples, self.bank, self.words, self.num_steps = list(examples), bank, words, num_steps
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict:
+        e = self.examples[i]
+        row = self.bank.index[(e["path"], e["step"])]
+        return {
+            "crops": self.bank.features["crops"][row],
+            "geometry": self.bank.features["geometry"][row],
+            "object_mask": self.bank.features["object_mask"][row],
+            "words": self.words[e["path"]],
+            "question": torch.tensor(QUESTION_IDS[e["question"]]),
+            "progress": torch.tensor(e["step"] / self.num_steps, dtype=torch.float32),
+            "labels": torch.tensor(int(e["label"])),
+        }
+
+
+def train_judge(
+    out_dir: str | Path,
+    traj: Trajectories,
+    examples: Sequence[dict],
+    image_tokenizer,
+    text_tokenizer,
+    model_size: Mapping[str, int] | None = None,
+    steps: int = 2000,
+    batch_size: int = 64,
+    learning_rate: float = 5e-4,
+    warmup_steps: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[ObjectJudge, dict]:
+    """Train the object-centric judge on the ``train`` split of ``examples``; save it to
+    ``out_dir``; return it and the held-out metrics of :func:`evaluate_judge`.
+
+    Raises:
+        ValueError: no training examples, or only one label.
+    """
+    torch.manual_seed(seed)
+    train = [e for e in examples if e["split"] == "train"]
+    held = [e for e in examples if e["split"] == "heldout"]
+    if not train or len({e["label"] for e in train}) < 2:
+        raise ValueError(f"need training examples of both labels, got {len(train)} examples")
+    config = ObjectJudgeConfig(text_vocab=len(text_tokenizer), pad_token_id=text_tokenizer.pad_token_id,
+                               **(model_size or {}))
+    model = ObjectJudgeModel(config)
+    judge = ObjectJudge(model, text_tokenizer)
+    words = judge.encode_prompts([p["prompt"] for p in traj.paths])
+    bank = FeatureBank(traj, image_tokenizer, examples, config, progress)
+    args = TrainingArguments(
+        output_dir=str(Path(out_dir) / "trainer"),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(warmup_steps, steps // 10),
+        weight_decay=0.01,
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not progress,
+    )
+    model.train()
+    result = Trainer(model=model, args=args, train_dataset=ExampleDataset(train, bank, words, traj.num_steps)).train()
+    model.eval()
+    judge = ObjectJudge(model.cpu(), text_tokenizer)
+    judge.save_pretrained(out_dir)
+    metrics = {"train_examples": len(train), "heldout_examples": len(held), "train_loss": float(result.training_loss),
+               "steps": steps, "parameters": int(sum(p.numel() for p in model.parameters()))}
+    metrics.update(evaluate_judge(judge, held, bank, words, traj.num_steps))
+    return judge, metrics
+
+
+def evaluate_judge(judge: ObjectJudge, examples, bank: FeatureBank, words, num_steps: int, batch_size: int = 512) -> dict:
+    """Held-out AUROC and accuracy (threshold 0.5) per question, plus potential AUROC
+    per step (the data behind the clarity boundary)."""
+    out: dict = {}
+    by_q: dict[str, list[dict]] = {}
+    for e in examples:
+        by_q.setdefault(e["question"], []).append(e)
+    for q, ex in sorted(by_q.items()):
+        scores = score_examples(judge, q, ex, bank, words, num_steps, batch_size)
+        labels = np.array([e["label"] for e in ex], dtype=int)
+        out[q] = _binary_metrics(labels, scores)
+        if q == "potential":
+            steps = sorted({e["step"] for e in ex})
+            out["potential_auroc_by_step"] = {
+                str(s): _binary_metrics(labels[m], scores[m])["auroc"]
+                for s in steps
+                for m in [np.array([e["step"] == s for e in ex])]
+            }
+    return out
+
+
+def score_examples(judge, question, examples, bank, words, num_steps, batch_size=512) -> np.ndarray:
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        rows = [bank.index[(e["path"], e["step"])] for e in chunk]
+        prog = np.array([e["step"] / num_steps for e in chunk], dtype=np.float32)
+        scores.append(judge.score_features(question, words[[e["path"] for e in chunk]], bank.get(rows), prog))
+    return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def _binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
+    both = len(set(labels.tolist())) == 2
+    return {
+        "n": int(len(labels)),
+        "yes_rate": float(labels.mean()) if len(labels) else None,
+        "auroc": float(roc_auc_score(labels, scores)) if both else None,
+        "accuracy": float(accuracy_score(labels, scores >= 0.5)) if len(labels) else None,
+    }

@@ -1,0 +1,124 @@
+"""Reward-model data (trajectories, ORM / PRM / clarity / potential labels) and the
+object-centric judge, on a tiny random generator and a scripted detector."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cotgen.generator.sampling import SamplingConfig
+from cotgen.geneval.rules import Detection
+from cotgen.reward.data import Trajectories, judge_examples, sample_trajectories, split_prompts
+from cotgen.reward.object_judge import ObjectJudge, ObjectJudgeConfig, ObjectJudgeModel, image_features
+from cotgen.reward.train import train_judge
+from cotgen.world.render import render_scene
+from cotgen.world.vocab import SHAPES
+from tests.test_generator import tiny_generator
+
+PROMPTS = [
+    {"tag": "single_object", "include": [{"class": s, "count": 1}], "prompt": f"a photo of a {s}"} for s in SHAPES[:6]
+]
+
+
+class HashDetector:
+    """Sees the prompt's object in about half of the images (decided by the pixels)."""
+
+    def detect(self, image):
+        h = int.from_bytes(hashlib.sha256(image.tobytes()).digest()[:2], "little")
+        dets = {s: [] for s in SHAPES}
+        if h % 2:
+            dets[SHAPES[(h // 2) % 6]].append(Detection(box=(1, 1, 10, 10), score=0.9, color="red"))
+        return dets
+
+
+@pytest.fixture(scope="module")
+def traj():
+    gen = tiny_generator()
+    cfg = SamplingConfig(n=1, cfg_scale=1.0, tokens_per_step=16)
+    return gen, sample_trajectories(gen, HashDetector(), PROMPTS, paths_per_prompt=4, sampling=cfg,
+                                    heldout_fraction=0.34, prm_steps=[2], prm_rollouts=3, progress=False)
+
+
+def test_split_is_seeded_and_disjoint():
+    prompts = [f"p{i}" for i in range(20)] * 2
+    a, b = split_prompts(prompts, 0.25, 0), split_prompts(prompts, 0.25, 0)
+    assert a == b and sum(v == "heldout" for v in a.values()) == 5
+    assert split_prompts(prompts, 0.25, 1) != a
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        split_prompts(prompts, 1.0, 0)
+
+
+def test_trajectories_and_labels(traj, tmp_path):
+    gen, t = traj
+    assert t.tokens.shape == (24, gen.num_image_tokens) and t.num_steps == 4
+    assert {p["split"] for p in t.paths} == {"train", "heldout"}
+    for prompt in {p["prompt"] for p in t.paths}:  # a prompt's paths share a split
+        assert len({p["split"] for p in t.paths if p["prompt"] == prompt}) == 1
+    assert 0 < sum(p["correct"] for p in t.paths) < 24
+    # PRM: the first path of each prompt, from step 2, k = 3
+    assert len(t.prm) == 6 and all(r["step"] == 2 and 0 <= r["rollouts_correct"] <= 3 for r in t.prm)
+    assert all(r["correct"] == (r["rollouts_correct"] > 0) for r in t.prm)
+    t.save(tmp_path)
+    back = Trajectories.load(tmp_path)
+    assert torch.equal(back.tokens, t.tokens) and back.paths == t.paths and back.prm == t.prm
+    with pytest.raises(FileNotFoundError, match="prm.jsonl"):
+        (tmp_path / "prm.jsonl").unlink()
+        Trajectories.load(tmp_path)
+
+
+def test_judge_examples_follow_the_rules(traj):
+    _, t = traj
+    ex = judge_examples(t, clarity_boundary=2)
+    by_q = {q: [e for e in ex if e["question"] == q] for q in ("outcome", "clarity", "potential", "step")}
+    assert len(by_q["outcome"]) == 24 and all(e["step"] == 4 for e in by_q["outcome"])
+    assert all(e["label"] == (e["step"] >= 2) for e in by_q["clarity"])
+    assert len(by_q["clarity"]) == 24 * 3
+    # potential from the first clear step on, inheriting the path's outcome label
+    assert sorted({e["step"] for e in by_q["potential"]}) == [2, 3]
+    assert all(e["label"] == t.paths[e["path"]]["correct"] for e in by_q["potential"])
+    assert len(by_q["step"]) == 6
+    with pytest.raises(ValueError, match="clarity_boundary"):
+        judge_examples(t, clarity_boundary=9)
+
+
+def test_image_features_find_the_objects():
+    meta = {"tag": "counting", "include": [{"class": "star", "count": 3}], "prompt": "a photo of three stars"}
+    image, objects = render_scene(meta, np.random.default_rng(0))
+    f = image_features([image, Image.new("RGB", (64, 64), (128, 128, 128))], ObjectJudgeConfig())
+    assert f["object_mask"][0].sum() == 3 and f["object_mask"][1].sum() == 0
+    assert f["crops"].shape == (2, 8, 5, 16, 16)
+    assert (f["geometry"][0, :3, :2] > 0).all() and (f["geometry"][0, :3, :2] < 1).all()
+
+
+def test_train_judge_and_reload(traj, tmp_path):
+    gen, t = traj
+    ex = judge_examples(t, clarity_boundary=2)
+    judge, metrics = train_judge(tmp_path, t, ex, gen.image_tokenizer, gen.text_tokenizer,
+                                 model_size={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                             "intermediate_size": 32},
+                                 steps=3, batch_size=8, progress=False)
+    assert metrics["heldout_examples"] > 0 and {"outcome", "clarity", "potential"} <= metrics.keys()
+    assert 0 <= metrics["clarity"]["accuracy"] <= 1
+    images = gen.decode(t.tokens[:3])
+    prompts = [p["prompt"] for p in t.paths[:3]]
+    a = judge.score("outcome", prompts, images)
+    b = ObjectJudge.from_pretrained(tmp_path).score("outcome", prompts, images)
+    assert a.shape == (3,) and ((a >= 0) & (a <= 1)).all()
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+
+
+def test_judge_rejects_bad_input(traj):
+    gen, _ = traj
+    judge = ObjectJudge(ObjectJudgeModel(ObjectJudgeConfig(text_vocab=len(gen.text_tokenizer), hidden_size=16,
+                                                           num_attention_heads=2)), gen.text_tokenizer)
+    img = Image.new("RGB", (64, 64))
+    with pytest.raises(ValueError, match="unknown question 'beauty'"):
+        judge.score("beauty", ["a photo of a star"], [img])
+    with pytest.raises(ValueError, match="1 prompts but 2 images"):
+        judge.score("outcome", ["a photo of a star"], [img, img])
+    with pytest.raises(ValueError, match="zebra"):
+        judge.score("outcome", ["a photo of a zebra"], [img])
+    with pytest.raises(ValueError, match="64x64"):
+        judge.score("outcome", ["a photo of a star"], [Image.new("RGB", (32, 32))])
