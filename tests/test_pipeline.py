@@ -11,7 +11,8 @@ from cotgen.pipeline.stages import PATHS, STAGES, run_stage
 from .conftest import REPO
 
 ORDER = ["prompts", "detector", "render_ground_truth", "score_ground_truth", "validate_evaluator",
-         "tokenizer", "tokenizer_check", "generator", "sample_baseline", "score_baseline"]
+         "tokenizer", "tokenizer_check", "generator", "sample_baseline", "score_baseline",
+         "trajectories", "judge", "search_parm"]
 
 
 def test_dvc_stages_call_pipeline_functions():
@@ -47,12 +48,16 @@ def test_tiny_pipeline_writes_every_output(tiny_run):
     root, params, metrics = tiny_run
     for key in PATHS:
         assert (root / PATHS[key]).exists(), key
-    for name in ("geneval_ground_truth", "geneval_baseline"):
+    for name in ("geneval_ground_truth", "geneval_baseline", "geneval_parm"):
         summary = json.loads((root / f"metrics/{name}.json").read_text())
         assert {"overall", "tags", "images", "prompts", "n"} <= set(summary)
         assert summary["prompts"] == metrics["prompts"]["eval"]["prompts"]
     validation = json.loads((root / "metrics/evaluator_validation.json").read_text())
     assert {"ground_truth_overall", "degraded_overall", "near_miss_correct_rate"} <= set(validation)
+    parm = json.loads((root / "metrics/geneval_parm.json").read_text())
+    assert parm["n"] == params["search"]["n"] and 0 < parm["image_tokens_per_image"] <= 3 * 256
+    judge = json.loads((root / "metrics/judge.json").read_text())
+    assert judge["heldout_examples"] > 0 and "clarity" in judge
     tok = json.loads((root / "metrics/tokenizer.json").read_text())
     assert 0 < tok["codebook_usage"] <= 1
     train = {json.dumps(m) for m in map(json.loads, (root / PATHS["train_prompts"]).read_text().splitlines())}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ PATHS = {
     "generator": "data/generator",
     "baseline_samples": "data/samples/baseline",
     "baseline_results": "data/results/baseline.jsonl",
+    "trajectories": "data/reward/trajectories",
+    "judge": "data/judge",
 }
 
 
@@ -217,12 +220,144 @@ def stage_sample_baseline(params: dict, root: Path = Path(".")) -> dict:
     tmp = _tmp_dir(final)
     write_folder(tmp, eval_set, lambda i, m: images[i])
     _replace_dir(tmp, final)
+    samples_grid(eval_set, images).save(_mkparent(root / "plots/baseline_samples.png"))
     return {"prompts": len(eval_set), "images": n * len(eval_set)}
+
+
+def samples_grid(eval_set: Sequence[dict], images: Sequence[Sequence], per_tag: int = 2):
+    """A grid people look at: the first ``per_tag`` evaluation prompts of every tag
+    (rows, labelled with the tag) x their images (columns)."""
+    from cotgen.generator.grid import image_grid
+
+    rows, labels, seen = [], [], {}
+    for meta, imgs in zip(eval_set, images):
+        tag = meta["tag"]
+        if seen.get(tag, 0) < per_tag:
+            seen[tag] = seen.get(tag, 0) + 1
+            rows.append(list(imgs))
+            labels.append(tag)
+    return image_grid(rows, row_labels=labels)
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def stage_score_baseline(params: dict, root: Path = Path(".")) -> dict:
     """GenEval of the baseline folder (plain sampling)."""
     return score_eval_folder(root, "baseline_samples", "baseline", "GenEval-Shapes, baseline (plain sampling)")
+
+
+def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
+    """Sample and label trajectories of training prompts for the reward models; writes
+    ``data/reward/trajectories`` and ``metrics/reward_data.json``."""
+    from cotgen.generator.model import ShapesGenerator
+    from cotgen.reward.data import data_summary, sample_trajectories
+    from cotgen.world.detector import ShapesDetector
+
+    t = params["reward"]["trajectories"]
+    generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
+    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+    train = load_metadata(root / PATHS["train_prompts"])
+    rng = np.random.default_rng(t["seed"])
+    prompts = [train[i] for i in sorted(rng.choice(len(train), size=min(t["num_prompts"], len(train)), replace=False))]
+    s = params["sampling"]
+    from cotgen.generator.sampling import SamplingConfig
+
+    cfg = SamplingConfig(n=1, cfg_scale=s["cfg_scale"], temperature=t["temperature"], top_k=s["top_k"], seed=t["seed"])
+    traj = sample_trajectories(
+        generator, detector, prompts, t["paths_per_prompt"], cfg, heldout_fraction=t["heldout_fraction"],
+        prm_steps=t["prm_steps"], prm_rollouts=t["prm_rollouts"], prm_paths_per_prompt=t["prm_paths_per_prompt"],
+        seed=t["seed"],
+    )
+    final = root / PATHS["trajectories"]
+    tmp = _tmp_dir(final)
+    traj.save(tmp)
+    _replace_dir(tmp, final)
+    summary = data_summary(traj)
+    write_summary(root / "metrics/reward_data.json", summary)
+    return summary
+
+
+def stage_judge(params: dict, root: Path = Path(".")) -> dict:
+    """Train the judge (ORM outcome, PRM step, PARM clarity + potential) on the train
+    prompts of the trajectories; writes ``data/judge`` and ``metrics/judge.json``
+    (held-out AUROC and accuracy per question)."""
+    from cotgen.reward.data import Trajectories, judge_examples
+    from cotgen.reward.train import train_judge
+
+    j = params["reward"]["judge"]
+    text, image_tokenizer = _load_generator_parts(root)
+    traj = Trajectories.load(root / PATHS["trajectories"])
+    examples = judge_examples(traj, params["reward"]["clarity_boundary"], steps_per_path=j["steps_per_path"],
+                              seed=j["seed"])
+    final = root / PATHS["judge"]
+    tmp = _tmp_dir(final)
+    _, metrics = train_judge(
+        tmp, traj, examples, image_tokenizer, text, model_size=j["model"], steps=j["steps"],
+        batch_size=j["batch_size"], learning_rate=j["learning_rate"], warmup_steps=j["warmup_steps"], seed=j["seed"],
+    )
+    shutil.rmtree(tmp / "trainer", ignore_errors=True)
+    _replace_dir(tmp, final)
+    write_summary(root / "metrics/judge.json", metrics)
+    return metrics
+
+
+def run_search_eval(params: dict, root: Path, strategy: str, n: int, name: str | None = None) -> dict:
+    """Run one strategy with N candidates on the evaluation set (``images_per_prompt``
+    final images per prompt, each from its own N paths) and score it; writes
+    ``data/samples/<name>``, ``data/results/<name>.jsonl``, ``data/traces/<name>.jsonl``,
+    ``metrics/geneval_<name>.json`` (with ``image_tokens_per_image``) and its plot."""
+    import json
+
+    from cotgen.generator.model import ShapesGenerator
+    from cotgen.reward.object_judge import ObjectJudge
+    from cotgen.search import SearchConfig, search
+    from cotgen.world.detector import ShapesDetector
+
+    name = name or strategy
+    generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
+    judge = None if strategy == "sample" else ObjectJudge.from_pretrained(root / PATHS["judge"])
+    eval_set = load_metadata(root / PATHS["eval_prompts"])
+    k = params["evaluation"]["images_per_prompt"]
+    se = params["search"]
+    config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"])
+    images: list[list] = [[] for _ in eval_set]
+    traces, tokens = [], []
+    from tqdm import tqdm
+
+    for rep in tqdm(range(k), desc=f"{name} (N={n})"):
+        sampling = sampling_config(params, n)
+        sampling.seed = sampling.seed + 1000 * rep
+        for start in range(0, len(eval_set), se["batch_prompts"]):
+            chunk = eval_set[start : start + se["batch_prompts"]]
+            for i, r in enumerate(search(generator, judge, [m["prompt"] for m in chunk], sampling, config)):
+                images[start + i].append(r.image)
+                tokens.append(r.compute["image_tokens"])
+                traces.append({"index": start + i, "image": rep, **r.trace()})
+    final = root / "data/samples" / name
+    tmp = _tmp_dir(final)
+    write_folder(tmp, eval_set, lambda i, m: images[i])
+    _replace_dir(tmp, final)
+    trace_file = _mkparent(root / "data/traces" / f"{name}.jsonl")
+    trace_file.write_text("".join(json.dumps(t) + "\n" for t in traces))
+    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+    results, summary = score_folder(final, detector, metadata_file=root / PATHS["eval_prompts"])
+    summary["n"] = n
+    summary["strategy"] = strategy
+    summary["image_tokens_per_image"] = float(np.mean(tokens))
+    summary["judge_calls_per_image"] = float(np.mean([t["compute"]["judge_calls"] for t in traces]))
+    summary["seconds_per_image"] = float(np.mean([t["compute"]["seconds"] for t in traces]))
+    write_results(_mkparent(root / "data/results" / f"{name}.jsonl"), results)
+    write_summary(root / f"metrics/geneval_{name}.json", summary)
+    plot_tags(root / f"plots/geneval_{name}.png", summary, title=f"GenEval-Shapes, {strategy} (N={n})")
+    return summary
+
+
+def stage_search_parm(params: dict, root: Path = Path(".")) -> dict:
+    """The promoted configuration: PARM search at ``search.n`` on the evaluation set."""
+    return run_search_eval(params, root, "parm", params["search"]["n"])
 
 
 STAGES = {
@@ -236,6 +371,9 @@ STAGES = {
     "generator": stage_generator,
     "sample_baseline": stage_sample_baseline,
     "score_baseline": stage_score_baseline,
+    "trajectories": stage_trajectories,
+    "judge": stage_judge,
+    "search_parm": stage_search_parm,
 }
 
 

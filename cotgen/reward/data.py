@@ -189,13 +189,21 @@ def prm_labels(generator, detector, tokens, paths, steps, k, paths_per_prompt, c
     return out
 
 
-def judge_examples(traj: Trajectories, clarity_boundary: int, questions: Sequence[str] | None = None) -> list[dict]:
+def judge_examples(
+    traj: Trajectories,
+    clarity_boundary: int,
+    questions: Sequence[str] | None = None,
+    steps_per_path: int | None = None,
+    seed: int = 0,
+) -> list[dict]:
     """The judge's labelled examples: dicts ``path``, ``step`` (1-based; ``num_steps`` =
     final), ``question``, ``label`` (bool), ``split``.
 
-    outcome: final step, the path's label; clarity: every step, ``step >=
-    clarity_boundary``; potential: steps from ``clarity_boundary`` on, the path's
-    outcome label; step: the PRM labels.
+    outcome: final step, the path's label; clarity: intermediate steps, ``step >=
+    clarity_boundary``; potential: intermediate steps from ``clarity_boundary`` on, the
+    path's outcome label; step: the PRM labels. With ``steps_per_path``, clarity and
+    potential each use that many steps per path, drawn at random (seeded) on train
+    paths; held-out paths keep every step, so per-step metrics stay complete.
 
     Raises:
         ValueError: a boundary outside 1..num_steps.
@@ -204,15 +212,24 @@ def judge_examples(traj: Trajectories, clarity_boundary: int, questions: Sequenc
     if not 1 <= clarity_boundary <= S:
         raise ValueError(f"clarity_boundary must lie in 1..{S}, got {clarity_boundary}")
     wanted = set(questions or ("outcome", "clarity", "potential", "step"))
+    rng = np.random.default_rng(seed)
+
+    def pick(steps: list[int], split: str) -> list[int]:
+        if steps_per_path is None or split != "train" or len(steps) <= steps_per_path:
+            return steps
+        return sorted(rng.choice(steps, size=steps_per_path, replace=False).tolist())
+
     ex = []
     for i, p in enumerate(traj.paths):
         base = {"path": i, "split": p["split"]}
         if "outcome" in wanted:
             ex.append({**base, "step": S, "question": "outcome", "label": p["correct"]})
         if "clarity" in wanted:
-            ex += [{**base, "step": s, "question": "clarity", "label": s >= clarity_boundary} for s in range(1, S)]
+            ex += [{**base, "step": s, "question": "clarity", "label": s >= clarity_boundary}
+                   for s in pick(list(range(1, S)), p["split"])]
         if "potential" in wanted:
-            ex += [{**base, "step": s, "question": "potential", "label": p["correct"]} for s in range(clarity_boundary, S)]
+            ex += [{**base, "step": s, "question": "potential", "label": p["correct"]}
+                   for s in pick(list(range(clarity_boundary, S)), p["split"])]
     if "step" in wanted:
         ex += [{"path": r["path"], "split": traj.paths[r["path"]]["split"], "step": r["step"], "question": "step",
                 "label": r["correct"]} for r in traj.prm]

@@ -9,6 +9,7 @@ Training uses the transformers ``Trainer``; held-out prompts are never trained o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,9 @@ def train_judge(
     held = [e for e in examples if e["split"] == "heldout"]
     if not train or len({e["label"] for e in train}) < 2:
         raise ValueError(f"need training examples of both labels, got {len(train)} examples")
+    for q in sorted({e["question"] for e in train}):
+        if len({e["label"] for e in train if e["question"] == q}) < 2:
+            warnings.warn(f"judge: every {q!r} training label is the same; that question cannot be learned", stacklevel=2)
     config = ObjectJudgeConfig(text_vocab=len(text_tokenizer), pad_token_id=text_tokenizer.pad_token_id,
                                **(model_size or {}))
     model = ObjectJudgeModel(config)
