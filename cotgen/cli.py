@@ -175,40 +175,73 @@ def _sampling_config(n: int, cfg_scale: float, temperature: float, top_k: int, s
     return SamplingConfig(n=n, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, seed=seed)
 
 
+DEFAULT_JUDGE = Path("data/judge")
+
+
 @app.command("generate")
 def generate(
     prompt: str = typer.Argument(..., help='e.g. "a photo of a red circle left of a blue square"'),
     n: int = typer.Option(4, "-n", min=1, help="candidate paths"),
     out: Path = typer.Option(Path("outputs/generate"), "--out"),
+    strategy: str = typer.Option("sample", "--strategy", help="sample (N plain candidates), best_of_n, prm, parm"),
     save_steps: bool = typer.Option(False, "--save-steps", help="also save every intermediate image"),
     generator: Path = typer.Option(DEFAULT_GENERATOR, "--generator"),
+    judge: Path = typer.Option(DEFAULT_JUDGE, "--judge", help="reward model (strategies other than sample)"),
     cfg_scale: float = typer.Option(2.0, "--cfg-scale", min=0.0),
     temperature: float = typer.Option(1.0, min=1e-3),
     top_k: int = typer.Option(0, min=0),
     seed: int = typer.Option(0),
 ) -> None:
-    """Generate N candidates for one prompt; writes PNGs and a grid (candidates x steps)."""
+    """Generate N candidates for one prompt; writes PNGs, a grid (candidates x steps; cut
+    paths end where they were cut, the chosen one is starred) and, for a search, trace.json."""
     from cotgen.generator.grid import image_grid
     from cotgen.generator.sampling import StepwiseSampler
+    from cotgen.search import STRATEGIES, SearchConfig, search
 
+    if strategy not in STRATEGIES:
+        _fail(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     gen = _load_generator(generator)
-    try:
-        sampler = StepwiseSampler(gen, [prompt], _sampling_config(n, cfg_scale, temperature, top_k, seed))
-    except ValueError as e:
-        _fail(str(e))
+    config = _sampling_config(n, cfg_scale, temperature, top_k, seed)
     out.mkdir(parents=True, exist_ok=True)
-    columns = []
-    while not sampler.done:
-        sampler.step()
-        columns.append(sampler.images())
-    for j, image in enumerate(columns[-1]):
-        image.save(out / f"{j:04d}.png")
+    if strategy == "sample":
+        try:
+            sampler = StepwiseSampler(gen, [prompt], config)
+        except ValueError as e:
+            _fail(str(e))
+        columns = []
+        while not sampler.done:
+            sampler.step()
+            columns.append(sampler.images())
+        rows = [[col[j] for col in columns] for j in range(n)]
+        labels = [f"cand {j}" for j in range(n)]
+        finals = columns[-1]
+    else:
+        from cotgen.reward.object_judge import ObjectJudge
+
+        try:
+            reward = ObjectJudge.from_pretrained(judge)
+            result = search(gen, reward, [prompt], config, SearchConfig(strategy), keep_steps=True)[0]
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        rows = [result.steps[j] for j in range(n)]
+        labels = []
+        for t in result.paths:
+            mark = "*" if t.candidate == result.chosen else " "
+            where = f"cut@{t.cut_at_step}" if t.cut_at_step is not None else (
+                f"{t.outcome:.2f}" if t.outcome is not None else "")
+            labels.append(f"{mark}{t.candidate} {where}")
+        finals = [r[-1] if t.cut_at_step is None else None for r, t in zip(rows, result.paths)]
+        result.image.save(out / "chosen.png")
+        (out / "trace.json").write_text(json.dumps(result.trace(), indent=2) + "\n")
+    for j, image in enumerate(finals):
+        if image is not None:
+            image.save(out / f"{j:04d}.png")
         if save_steps:
-            for s, col in enumerate(columns):
-                col[j].save(out / f"{j:04d}_step{s + 1:02d}.png")
-    rows = [[col[j] for col in columns] for j in range(n)]
-    image_grid(rows, row_labels=[f"cand {j}" for j in range(n)], col_labels=[f"s{s + 1}" for s in range(len(columns))]).save(out / "grid.png")
-    console.print(f"{n} images and grid.png -> {out}")
+            for s, im in enumerate(rows[j]):
+                im.save(out / f"{j:04d}_step{s + 1:02d}.png")
+    steps = max(len(r) for r in rows)
+    image_grid(rows, row_labels=labels, col_labels=[f"s{s + 1}" for s in range(steps)]).save(out / "grid.png")
+    console.print(f"{strategy}: {n} candidates, grid.png -> {out}")
 
 
 @app.command("sample")

@@ -126,3 +126,26 @@ def test_bad_strategy_and_missing_judge(gen):
         search(gen, ScriptedJudge(), PROMPTS, sampling(), SearchConfig("beam"))
     with pytest.raises(ValueError, match="needs a judge"):
         search(gen, None, PROMPTS, sampling(), SearchConfig("parm"))
+
+
+def test_cli_generate_with_parm_writes_grid_and_trace(gen, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cotgen.cli import app
+    from cotgen.reward.object_judge import ObjectJudge, ObjectJudgeConfig, ObjectJudgeModel
+
+    gen.save_pretrained(tmp_path / "gen")
+    cfg = ObjectJudgeConfig(text_vocab=len(gen.text_tokenizer), hidden_size=16, num_attention_heads=2)
+    ObjectJudge(ObjectJudgeModel(cfg), gen.text_tokenizer).save_pretrained(tmp_path / "judge")
+    out = tmp_path / "out"
+    args = ["generate", "a photo of three stars", "-n", "4", "--strategy", "parm", "--generator",
+            str(tmp_path / "gen"), "--judge", str(tmp_path / "judge"), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    trace = json.loads((out / "trace.json").read_text())
+    assert len(trace["paths"]) == 4 and trace["strategy"] == "parm"
+    assert (out / "grid.png").is_file() and (out / "chosen.png").is_file()
+    bad = CliRunner().invoke(app, args[:4] + ["--strategy", "beam"])
+    assert bad.exit_code == 2 and "unknown strategy 'beam'" in bad.output

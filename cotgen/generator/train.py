@@ -41,16 +41,30 @@ def pick_scenes(
 
 
 def encode_scenes(
-    lines: Sequence[dict], image_tokenizer, seed: int, batch_size: int = 256, progress: bool = True
+    lines: Sequence[dict],
+    image_tokenizer,
+    seed: int,
+    batch_size: int = 256,
+    progress: bool = True,
+    style: str = "varied",
 ) -> torch.Tensor:
-    """Render one scene per line (seeded per index) and VQ-encode it: ``(M, g, g)`` long."""
-    from cotgen.world.render import render_scene
+    """Render one scene per line (seeded per index) in ``style`` (a key of
+    :data:`cotgen.world.render.STYLES`) and VQ-encode it: ``(M, g, g)`` long.
+
+    Raises:
+        ValueError: an unknown style.
+    """
+    from cotgen.world.render import STYLES, render_scene
+
+    if style not in STYLES:
+        raise ValueError(f"unknown scene style {style!r}; known: {', '.join(STYLES)}")
 
     out = []
     for start in tqdm(range(0, len(lines), batch_size), desc="encode scenes", disable=not progress):
         chunk = lines[start : start + batch_size]
         arr = np.stack(
-            [np.asarray(render_scene(m, np.random.default_rng([seed, start + i]))[0]) for i, m in enumerate(chunk)]
+            [np.asarray(render_scene(m, np.random.default_rng([seed, start + i]), style=STYLES[style])[0])
+             for i, m in enumerate(chunk)]
         )
         with torch.no_grad():
             out.append(image_tokenizer.encode(torch.from_numpy(arr)))
@@ -108,9 +122,12 @@ def train_generator(
     prompt_len: int = 12,
     seed: int = 0,
     progress: bool = True,
+    scene_style: str = "varied",
 ) -> tuple[ShapesGenerator, dict]:
     """Train a generator from scratch and save it to ``out_dir``; returns it and a small
-    metrics dict (``train_loss``, ``params``, ``images``).
+    metrics dict (``train_loss``, ``params``, ``images``). Training scenes are rendered
+    in ``scene_style`` ("varied": the world's scenes; "canonical": sprites on the token
+    grid, see :data:`cotgen.world.render.CANONICAL`).
 
     Raises:
         ValueError: an empty prompt set or bad knob (named).
@@ -123,7 +140,7 @@ def train_generator(
     )
     generator = ShapesGenerator(LlamaForCausalLM(config), text_tokenizer, image_tokenizer, prompt_len)
     lines = pick_scenes(train_prompts, num_images, tag_weights, seed)
-    codes = encode_scenes(lines, image_tokenizer, seed, progress=progress)
+    codes = encode_scenes(lines, image_tokenizer, seed, progress=progress, style=scene_style)
     dataset = SceneDataset(generator, [m["prompt"] for m in lines], codes)
     out_dir = Path(out_dir)
     args = TrainingArguments(

@@ -191,7 +191,7 @@ def stage_generator(params: dict, root: Path = Path(".")) -> dict:
         tmp, load_metadata(root / PATHS["train_prompts"]), text, image_tokenizer,
         num_images=g["num_images"], steps=g["steps"], batch_size=g["batch_size"],
         learning_rate=g["learning_rate"], cond_dropout=g["cond_dropout"], tag_weights=g.get("tag_weights"),
-        model_size=g["model"], prompt_len=g["prompt_len"], seed=g["seed"],
+        model_size=g["model"], prompt_len=g["prompt_len"], seed=g["seed"], scene_style=g["scene_style"],
     )
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     _replace_dir(tmp, final)

@@ -182,10 +182,38 @@ class _Patch:
     box: tuple[int, int, int, int]  # end-exclusive, patch coordinates
 
 
-def _draw_patch(shape: str, side: float, rotation: float, rng: np.random.Generator) -> _Patch:
+@dataclass(frozen=True)
+class RenderStyle:
+    """How freely objects are drawn.
+
+    Attributes:
+        rotation: largest rotation jitter, degrees.
+        color_jitter: largest per-channel colour jitter, sRGB units.
+        sizes: bounding sides to choose from (px at 64 px); ``None`` = uniform in
+            :data:`SIZE_RANGE`. Sides outside the scene's range are not used.
+        snap: align every object's box corner to this pixel grid (0 = free placement,
+            with sub-pixel jitter).
+    """
+
+    rotation: float = MAX_ROTATION
+    color_jitter: int = COLOR_JITTER
+    sizes: tuple[float, ...] | None = None
+    snap: int = 0
+
+
+#: The world's scenes (evaluation renders, detector and tokenizer training).
+VARIED = RenderStyle()
+#: Sprite-like scenes: no rotation or colour jitter, sides 12-24 px in steps of 4, boxes
+#: on the 4-px token grid. The generator is trained on these, so that a ~1M-parameter AR
+#: model learns them on a CPU in minutes (the testbed's design, README).
+CANONICAL = RenderStyle(rotation=0.0, color_jitter=0, sizes=(12.0, 16.0, 20.0, 24.0), snap=4)
+STYLES = {"varied": VARIED, "canonical": CANONICAL}
+
+
+def _draw_patch(shape: str, side: float, rotation: float, rng: np.random.Generator, subpixel: bool = True) -> _Patch:
     pad = 2
     n = math.ceil(side) + 2 * pad
-    center = n / 2 + rng.uniform(-0.5, 0.5, size=2)  # sub-pixel placement
+    center = n / 2 + (rng.uniform(-0.5, 0.5, size=2) if subpixel else 0.0)  # sub-pixel placement
     alpha = rasterize([shape_polygon(shape, side, rotation) + center], n, n)
     return _Patch(alpha, _alpha_box(alpha))
 
@@ -256,8 +284,19 @@ def _gap_ok(box: Sequence[int], others: Sequence[Sequence[int]], gap: int) -> bo
     return True
 
 
+def _side(lo: float, hi: float, style: RenderStyle, rng: np.random.Generator) -> float:
+    if style.sizes is None:
+        return rng.uniform(lo, hi)
+    fits = [s for s in style.sizes if lo - 2 <= s <= hi] or [lo]
+    return float(fits[int(rng.integers(len(fits)))])
+
+
 def _place(
-    specs: Sequence[_ObjectSpec], relations: Sequence[_Relation], rng: np.random.Generator, size: int
+    specs: Sequence[_ObjectSpec],
+    relations: Sequence[_Relation],
+    rng: np.random.Generator,
+    size: int,
+    style: RenderStyle = VARIED,
 ) -> tuple[np.ndarray, list[dict]]:
     """Draw ``specs`` at random non-overlapping places that satisfy ``relations``.
 
@@ -275,7 +314,13 @@ def _place(
     margin = POSITION_MARGIN * scale
     for _ in range(SCENE_RESTARTS):
         patches = [
-            _draw_patch(s.shape, rng.uniform(lo, hi) * scale, rng.uniform(-MAX_ROTATION, MAX_ROTATION), rng)
+            _draw_patch(
+                s.shape,
+                _side(lo, hi, style, rng) * scale,
+                rng.uniform(-style.rotation, style.rotation) if style.rotation else 0.0,
+                rng,
+                subpixel=not style.snap,
+            )
             for s in specs
         ]
         boxes: list[tuple[int, int, int, int]] = []
@@ -290,6 +335,9 @@ def _place(
             for _ in range(PLACEMENT_TRIES):
                 ox = int(rng.integers(xs[0], xs[1], endpoint=True))
                 oy = int(rng.integers(ys[0], ys[1], endpoint=True))
+                if style.snap:
+                    ox = _snap(bx0 + ox, style.snap, xs[0] + bx0, xs[1] + bx0) - bx0
+                    oy = _snap(by0 + oy, style.snap, ys[0] + by0, ys[1] + by0) - by0
                 box = (bx0 + ox, by0 + oy, bx1 + ox, by1 + oy)
                 if not _gap_ok(box, boxes, gap):
                     continue
@@ -309,7 +357,7 @@ def _place(
             canvas[:] = BACKGROUND_RGB
             objects = []
             for spec, patch, (ox, oy), box in zip(specs, patches, offsets, boxes):
-                composite(canvas, patch.alpha, jitter_color(spec.color, rng), ox, oy)
+                composite(canvas, patch.alpha, jitter_color(spec.color, rng, style.color_jitter), ox, oy)
                 objects.append({"class": spec.shape, "color": spec.color, "box": box, "include": spec.group})
             return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), objects
     raise ValueError(
@@ -399,12 +447,18 @@ def objects_to_detections(objects: Sequence[Mapping]) -> dict[str, list[Detectio
     return out
 
 
+def _snap(v: int, grid: int, lo: int, hi: int) -> int:
+    """``v`` rounded to the nearest multiple of ``grid`` inside ``[lo, hi]`` (else ``v``)."""
+    options = [m for m in range(-(-lo // grid) * grid, hi + 1, grid)]
+    return min(options, key=lambda m: abs(m - v)) if options else v
+
+
 def _to_image(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(arr, mode="RGB")
 
 
 def render_scene(
-    metadata: Mapping, rng: np.random.Generator, size: int = IMAGE_SIZE
+    metadata: Mapping, rng: np.random.Generator, size: int = IMAGE_SIZE, style: RenderStyle = VARIED
 ) -> tuple[Image.Image, list[dict]]:
     """Draw a scene that satisfies a GenEval metadata line by GenEval's rules.
 
@@ -418,6 +472,7 @@ def render_scene(
         metadata: one GenEval metadata line (``include``, optional ``exclude``).
         rng: NumPy generator; the scene is a deterministic function of its state.
         size: image side in pixels (sizes and gaps scale with ``size / 64``).
+        style: :data:`VARIED` (the world's scenes) or :data:`CANONICAL` (sprites).
     Returns:
         ``(image, objects)``: an RGB PIL image ``size x size`` and one dict per drawn
         object: ``class`` (str), ``color`` (str), ``box`` (``(x1, y1, x2, y2)`` int
@@ -428,7 +483,7 @@ def render_scene(
     """
     check_metadata(metadata)
     for _ in range(5):
-        arr, objects = _place(_specs(metadata, rng), _relations(metadata), rng, size)
+        arr, objects = _place(_specs(metadata, rng), _relations(metadata), rng, size, style)
         ok, reason = evaluate(objects_to_detections(objects), metadata)
         if ok:
             return _to_image(arr), objects
