@@ -273,6 +273,34 @@ def sample(
     console.print(f"{len(lines)} prompts x {n} images -> {out}")
 
 
+@app.command("evaluate-search")
+def evaluate_search(
+    strategy: str = typer.Argument(..., help="sample, best_of_n, prm or parm"),
+    n: int = typer.Option(20, "--n", min=1, help="candidate paths per final image (N)"),
+    images_per_prompt: Optional[int] = typer.Option(None, "--images-per-prompt", min=1,
+                                                    help="default: evaluation.images_per_prompt"),
+    params: Path = typer.Option(Path("params.yaml"), "--params"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="e.g. tiny"),
+) -> None:
+    """Run a search strategy at N on the evaluation set and score it (the ablation stages
+    of ablations/dvc.yaml); writes metrics/geneval_<strategy>_n<N>.json and redraws the
+    GenEval-against-N and against-tokens plots."""
+    from cotgen.pipeline.params import ParamsError, load_params
+    from cotgen.pipeline.stages import plot_search_curves, run_search_eval, search_eval_name
+    from cotgen.search import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        _fail(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    try:
+        p = load_params(params, profile)
+    except ParamsError as e:
+        _fail(str(e))
+    summary = run_search_eval(p, Path("."), strategy, n, search_eval_name(strategy, n, images_per_prompt, p["search"]["n"]),
+                              images_per_prompt)
+    plot_search_curves()
+    print(json.dumps(summary, indent=2))
+
+
 @app.command("stage")
 def stage(
     name: str = typer.Argument(..., help="pipeline stage (see dvc.yaml)"),

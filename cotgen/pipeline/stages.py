@@ -304,7 +304,9 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
     return metrics
 
 
-def run_search_eval(params: dict, root: Path, strategy: str, n: int, name: str | None = None) -> dict:
+def run_search_eval(
+    params: dict, root: Path, strategy: str, n: int, name: str | None = None, images_per_prompt: int | None = None
+) -> dict:
     """Run one strategy with N candidates on the evaluation set (``images_per_prompt``
     final images per prompt, each from its own N paths) and score it; writes
     ``data/samples/<name>``, ``data/results/<name>.jsonl``, ``data/traces/<name>.jsonl``,
@@ -320,7 +322,7 @@ def run_search_eval(params: dict, root: Path, strategy: str, n: int, name: str |
     generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
     judge = None if strategy == "sample" else ObjectJudge.from_pretrained(root / PATHS["judge"])
     eval_set = load_metadata(root / PATHS["eval_prompts"])
-    k = params["evaluation"]["images_per_prompt"]
+    k = images_per_prompt or params["evaluation"]["images_per_prompt"]
     se = params["search"]
     config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"])
     images: list[list] = [[] for _ in eval_set]
@@ -353,6 +355,54 @@ def run_search_eval(params: dict, root: Path, strategy: str, n: int, name: str |
     write_summary(root / f"metrics/geneval_{name}.json", summary)
     plot_tags(root / f"plots/geneval_{name}.png", summary, title=f"GenEval-Shapes, {strategy} (N={n})")
     return summary
+
+
+def search_eval_name(strategy: str, n: int, images_per_prompt: int | None = None, reference_n: int = 20) -> str:
+    """File stem of a search evaluation: ``<strategy>`` at the reference N with the
+    default images per prompt, else ``<strategy>_n<N>[_k<images per prompt>]``."""
+    if n == reference_n and images_per_prompt is None:
+        return strategy
+    return f"{strategy}_n{n}" + (f"_k{images_per_prompt}" if images_per_prompt else "")
+
+
+def plot_search_curves(root: Path = Path("."), out_dir: Path = Path("plots")) -> list[Path]:
+    """From every ``metrics/geneval_<strategy>[_n<N>...].json`` draw GenEval-Shapes
+    against N per strategy and GenEval-Shapes against image tokens per image; returns
+    the PNG paths."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[str, list[tuple[int, float, float]]] = {}
+    for f in sorted((root / "metrics").glob("geneval_*.json")):
+        m = json.loads(f.read_text())
+        if "strategy" not in m and f.stem != "geneval_baseline":
+            continue
+        strategy = m.get("strategy", "sample")
+        tokens = m.get("image_tokens_per_image", 256.0)
+        points.setdefault(strategy, []).append((int(m.get("n", 1)), float(m["overall"]), float(tokens)))
+    out_dir = root / out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, (x_idx, xlabel) in {"geneval_vs_n": (0, "N (candidate paths)"),
+                                  "geneval_vs_tokens": (2, "image tokens per final image")}.items():
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for strategy, pts in sorted(points.items()):
+            pts = sorted(set(pts), key=lambda t: t[x_idx])
+            ax.plot([t[x_idx] for t in pts], [t[1] for t in pts], marker="o", label=strategy)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("GenEval-Shapes overall")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
 
 
 def stage_search_parm(params: dict, root: Path = Path(".")) -> dict:
