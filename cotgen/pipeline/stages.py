@@ -204,7 +204,8 @@ def sampling_config(params: dict, n: int = 1):
     from cotgen.generator.sampling import SamplingConfig
 
     s = params["sampling"]
-    return SamplingConfig(n=n, cfg_scale=s["cfg_scale"], temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"])
+    return SamplingConfig(n=n, cfg_scale=s["cfg_scale"], temperature=s["temperature"], top_k=s["top_k"], seed=s["seed"],
+                          tokens_per_step=s.get("tokens_per_step"))
 
 
 def stage_sample_baseline(params: dict, root: Path = Path(".")) -> dict:
@@ -265,7 +266,8 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     s = params["sampling"]
     from cotgen.generator.sampling import SamplingConfig
 
-    cfg = SamplingConfig(n=1, cfg_scale=s["cfg_scale"], temperature=t["temperature"], top_k=s["top_k"], seed=t["seed"])
+    cfg = SamplingConfig(n=1, cfg_scale=s["cfg_scale"], temperature=t["temperature"], top_k=s["top_k"], seed=t["seed"],
+                         tokens_per_step=s.get("tokens_per_step"))
     traj = sample_trajectories(
         generator, detector, prompts, t["paths_per_prompt"], cfg, heldout_fraction=t["heldout_fraction"],
         prm_steps=t["prm_steps"], prm_rollouts=t["prm_rollouts"], prm_paths_per_prompt=t["prm_paths_per_prompt"],
