@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
-from transformers import LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer
 
 from cotgen.generator.model import ShapesGenerator
+from cotgen.training import training_arguments
 
 IGNORE_INDEX = -100
 
@@ -143,22 +144,7 @@ def train_generator(
     codes = encode_scenes(lines, image_tokenizer, seed, progress=progress, style=scene_style)
     dataset = SceneDataset(generator, [m["prompt"] for m in lines], codes)
     out_dir = Path(out_dir)
-    args = TrainingArguments(
-        output_dir=str(out_dir / "trainer"),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(100, steps // 10),
-        weight_decay=0.05,
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=not progress,
-    )
+    args = training_arguments(out_dir, steps, batch_size, learning_rate, 100, 0.05, seed, progress)
     trainer = Trainer(
         model=generator.model,
         args=args,

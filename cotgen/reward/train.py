@@ -8,18 +8,19 @@ Training uses the transformers ``Trainer``; held-out prompts are never trained o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 from tqdm import tqdm
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from cotgen.reward.data import Trajectories
 from cotgen.reward.object_judge import QUESTION_IDS, ObjectJudge, ObjectJudgeConfig, ObjectJudgeModel, image_features
+from cotgen.training import training_arguments
 
 
 def decode_steps(traj: Trajectories, image_tokenizer, keys: Sequence[tuple[int, int]], batch_size: int = 256):
@@ -111,22 +112,7 @@ def train_judge(
     judge = ObjectJudge(model, text_tokenizer)
     words = judge.encode_prompts([p["prompt"] for p in traj.paths])
     bank = FeatureBank(traj, image_tokenizer, examples, config, progress)
-    args = TrainingArguments(
-        output_dir=str(Path(out_dir) / "trainer"),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=min(warmup_steps, steps // 10),
-        weight_decay=0.01,
-        logging_steps=max(1, steps // 20),
-        save_strategy="no",
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        dataloader_num_workers=0,
-        disable_tqdm=not progress,
-    )
+    args = training_arguments(out_dir, steps, batch_size, learning_rate, warmup_steps, 0.01, seed, progress)
     model.train()
     result = Trainer(model=model, args=args, train_dataset=ExampleDataset(train, bank, words, traj.num_steps)).train()
     model.eval()
