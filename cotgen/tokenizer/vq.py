@@ -356,12 +356,18 @@ class VQTokenizer(PreTrainedModel):
         return tokens
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
+    def encode(self, images: torch.Tensor, snap_background: bool = True) -> torch.Tensor:
         """Images -> token grids.
 
         Args:
             images: uint8 ``(B, 64, 64, 3)`` in ``[0, 255]`` or float ``(B, 3, 64, 64)``
                 in ``[-1, 1]``.
+            snap_background: patches whose pixels, and those of their 8 neighbour
+                patches, are all plain background (``BACKGROUND_RGB`` within 2 sRGB
+                units) get the blank scene's code at that position
+                (:attr:`background_tokens`). Without it the encoder's near-ties give
+                plain background dozens of different codes, which an AR generator then
+                has to learn as noise.
         Returns:
             int64 ``(B, 16, 16)``, values in ``[0, codebook_size)``.
         Raises:
@@ -370,8 +376,16 @@ class VQTokenizer(PreTrainedModel):
         x = self._check_pixels(images).to(self.device)
         z = self.encoder(x)
         b, d, h, w = z.shape
-        idx = self.quantizer.lookup(z.permute(0, 2, 3, 1).reshape(-1, d))
-        return idx.view(b, h, w)
+        idx = self.quantizer.lookup(z.permute(0, 2, 3, 1).reshape(-1, d)).view(b, h, w)
+        if snap_background:
+            bg = torch.tensor(BACKGROUND_RGB, dtype=torch.float32, device=x.device).div(127.5).sub(1.0)
+            off = (x - bg.view(1, 3, 1, 1)).abs().amax(dim=1)  # (B, H, W)
+            plain = F.max_pool2d(off[:, None], self.config.downsample)[:, 0] <= 2.0 / 127.5
+            # only patches whose 3x3 neighbourhood is plain too: codes next to an object
+            # carry part of its edge through the decoder's receptive field
+            plain = -F.max_pool2d(-plain[:, None].float(), 3, 1, 1)[:, 0] > 0.5
+            idx = torch.where(plain, self.background_tokens.to(idx.device).expand_as(idx), idx)
+        return idx
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -449,7 +463,7 @@ class VQTokenizer(PreTrainedModel):
         ``background_tokens``; returns it (int64 ``(16, 16)``)."""
         s = self.config.image_size
         blank = torch.tensor(BACKGROUND_RGB, dtype=torch.uint8).view(1, 1, 1, 3).expand(1, s, s, 3).contiguous()
-        grid = self.encode(blank)[0]
+        grid = self.encode(blank, snap_background=False)[0]
         self.background_tokens.copy_(grid)
         return grid
 
