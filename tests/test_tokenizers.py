@@ -225,3 +225,22 @@ def test_reconstruction_check_runs(tiny_vq, eval_set):
     assert set(out["tags"]) == {"single_object"}
     for k in ("codebook_usage", "perplexity", "codebook_size", "psnr", "lost"):
         assert k in out
+
+
+def test_encode_snaps_plain_background_away_from_objects(tiny_vq):
+    tok, _ = tiny_vq
+    img = np.empty((1, 64, 64, 3), dtype=np.uint8)
+    img[:] = BACKGROUND_RGB
+    img[0, 24:40, 24:40] = (200, 30, 30)  # one red square: patches 6..9
+    rng = np.random.default_rng(0)
+    img[0, :, :8] = np.clip(img[0, :, :8].astype(int) + rng.integers(-20, 20, (64, 8, 3)), 0, 255)  # noisy strip
+    codes = tok.encode(torch.from_numpy(img))
+    raw = tok.encode(torch.from_numpy(img), snap_background=False)
+    bg = tok.background_tokens
+    g = tok.grid_size
+    assert g == 16
+    far = torch.zeros(g, g, dtype=torch.bool)
+    far[:, 3:] = True  # 3x3 neighbourhood off the noisy strip (patch columns 0-1) ...
+    far[5:11, 5:11] = False  # ... and off the square (patches 6-9) and its ring
+    assert torch.equal(codes[0][far], bg[far])
+    assert torch.equal(codes[0][~far], raw[0][~far])  # everything else keeps its own code
