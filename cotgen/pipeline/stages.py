@@ -261,8 +261,7 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     train = load_metadata(root / PATHS["train_prompts"])
-    rng = np.random.default_rng(t["seed"])
-    prompts = [train[i] for i in sorted(rng.choice(len(train), size=min(t["num_prompts"], len(train)), replace=False))]
+    prompts = balanced_prompts(train, t["num_prompts"], t["seed"])
     s = params["sampling"]
     from cotgen.generator.sampling import SamplingConfig
 
@@ -271,7 +270,7 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     traj = sample_trajectories(
         generator, detector, prompts, t["paths_per_prompt"], cfg, heldout_fraction=t["heldout_fraction"],
         prm_steps=t["prm_steps"], prm_rollouts=t["prm_rollouts"], prm_paths_per_prompt=t["prm_paths_per_prompt"],
-        seed=t["seed"],
+        batch_prompts=t["batch_prompts"], seed=t["seed"],
     )
     final = root / PATHS["trajectories"]
     tmp = _tmp_dir(final)
@@ -280,6 +279,23 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     summary = data_summary(traj)
     write_summary(root / "metrics/reward_data.json", summary)
     return summary
+
+
+def balanced_prompts(lines: Sequence[dict], num: int, seed: int) -> list[dict]:
+    """``num`` metadata lines drawn without replacement, spread evenly over the tags
+    present (a tag with too few lines gives all it has), in their original order. The
+    training set is mostly color_attr; an unbalanced draw gave the judge almost no
+    correct images to learn from (1.5% yes, no single_object or two_object prompts)."""
+    rng = np.random.default_rng(seed)
+    by_tag: dict[str, list[int]] = {}
+    for i, m in enumerate(lines):
+        by_tag.setdefault(m["tag"], []).append(i)
+    per_tag = max(1, num // max(1, len(by_tag)))
+    picked = []
+    for tag in sorted(by_tag):
+        idx = by_tag[tag]
+        picked += rng.choice(idx, size=min(per_tag, len(idx)), replace=False).tolist()
+    return [lines[i] for i in sorted(picked)]
 
 
 def stage_judge(params: dict, root: Path = Path(".")) -> dict:
@@ -408,8 +424,10 @@ def plot_search_curves(root: Path = Path("."), out_dir: Path = Path("plots")) ->
 
 
 def stage_search_parm(params: dict, root: Path = Path(".")) -> dict:
-    """The promoted configuration: PARM search at ``search.n`` on the evaluation set."""
-    return run_search_eval(params, root, "parm", params["search"]["n"])
+    """The promoted configuration: PARM search at ``search.n`` on the evaluation set,
+    ``search.images_per_prompt`` final images per prompt (default: GenEval's 4)."""
+    k = params["search"].get("images_per_prompt")
+    return run_search_eval(params, root, "parm", params["search"]["n"], "parm", k)
 
 
 STAGES = {
