@@ -273,6 +273,15 @@ def sample(
     console.print(f"{len(lines)} prompts x {n} images -> {out}")
 
 
+def _load_params(path: Path, profile: Optional[str]) -> dict:
+    from cotgen.pipeline.params import ParamsError, load_params
+
+    try:
+        return load_params(path, profile)
+    except ParamsError as e:
+        _fail(str(e))
+
+
 @app.command("evaluate-search")
 def evaluate_search(
     strategy: str = typer.Argument(..., help="sample, best_of_n, prm or parm"),
@@ -285,16 +294,12 @@ def evaluate_search(
     """Run a search strategy at N on the evaluation set and score it (the ablation stages
     of ablations/dvc.yaml); writes metrics/geneval_<strategy>_n<N>.json and redraws the
     GenEval-against-N and against-tokens plots."""
-    from cotgen.pipeline.params import ParamsError, load_params
     from cotgen.pipeline.stages import plot_search_curves, run_search_eval, search_eval_name
     from cotgen.search import STRATEGIES
 
     if strategy not in STRATEGIES:
         _fail(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    try:
-        p = load_params(params, profile)
-    except ParamsError as e:
-        _fail(str(e))
+    p = _load_params(params, profile)
     summary = run_search_eval(p, Path("."), strategy, n, search_eval_name(strategy, n, images_per_prompt, p["search"]["n"]),
                               images_per_prompt)
     plot_search_curves()
@@ -308,16 +313,11 @@ def stage(
     profile: Optional[str] = typer.Option(None, "--profile", help="e.g. tiny"),
 ) -> None:
     """Run one pipeline stage (what `dvc repro` calls)."""
-    from cotgen.pipeline.params import ParamsError, load_params
     from cotgen.pipeline.stages import STAGES, run_stage
 
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
-    try:
-        p = load_params(params, profile)
-    except ParamsError as e:
-        _fail(str(e))
-    metrics = run_stage(name, p)
+    metrics = run_stage(name, _load_params(params, profile))
     if metrics:
         print(json.dumps(metrics, indent=2))
 

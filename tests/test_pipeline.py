@@ -81,3 +81,21 @@ def test_failed_stage_leaves_earlier_outputs(tiny_run):
 def test_unknown_stage():
     with pytest.raises(KeyError, match="unknown stage 'nope'"):
         run_stage("nope", {})
+
+
+def test_evaluate_search_cli(tiny_run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cotgen.cli import app
+
+    root, _, _ = tiny_run
+    monkeypatch.chdir(root)
+    args = ["evaluate-search", "best_of_n", "--n", "2", "--params", str(REPO / "params.yaml"), "--profile", "tiny"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((root / "metrics/geneval_best_of_n_n2.json").read_text())
+    assert summary["n"] == 2 and summary["strategy"] == "best_of_n"
+    assert summary["image_tokens_per_image"] == 2 * 256  # best-of-N spends every path in full
+    assert (root / "plots/geneval_vs_n.png").is_file() and (root / "plots/geneval_vs_tokens.png").is_file()
+    bad = CliRunner().invoke(app, ["evaluate-search", "beam"])
+    assert bad.exit_code == 2 and "unknown strategy 'beam'" in bad.output
