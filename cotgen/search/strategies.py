@@ -166,17 +166,23 @@ def search(
     while not sampler.done:
         sampler.step()
         alive = sampler.alive()
-        need_images = keep_steps or strategy in ("prm", "parm")
-        if not need_images or not alive:
+        # decode only what is looked at: every live path for kept steps and PRM, the
+        # paths not clear yet for PARM; final images are decoded once, below
+        if keep_steps:
+            ids = [p.id for p in alive]
+        elif sampler.done or strategy not in ("prm", "parm"):
             continue
-        ids = [p.id for p in alive]
-        images = dict(zip(ids, sampler.images(ids)))
+        elif strategy == "prm":
+            ids = [p.id for p in alive]
+        else:
+            ids = [p.id for p in alive if traces[p.id].clear_step is None]
+        images = dict(zip(ids, sampler.images(ids))) if ids else {}
         if keep_steps:
             for pid, im in images.items():
                 steps[pid].append(im)
-        progress = sampler.step_index / sampler.num_steps
         if sampler.done:
             break
+        progress = sampler.step_index / sampler.num_steps
         if strategy == "prm":
             _prm_step(sampler, ask, traces, images, progress)
         elif strategy == "parm":
@@ -188,7 +194,10 @@ def search(
         if not p.alive:
             traces[p.id].cut_at_step = p.dropped_at_step
     finished = [p for p in sampler.paths if p.alive]
-    final_images = dict(zip([p.id for p in finished], sampler.images([p.id for p in finished])))
+    if keep_steps:  # already decoded at the last step
+        final_images = {p.id: steps[p.id][-1] for p in finished}
+    else:
+        final_images = dict(zip([p.id for p in finished], sampler.images([p.id for p in finished])))
     if strategy in ("best_of_n", "parm", "prm"):
         ids = [p.id for p in finished]
         scores = ask("outcome", [prompts[p.prompt_index] for p in finished], [final_images[i] for i in ids], [1.0] * len(ids))
