@@ -262,11 +262,8 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     train = load_metadata(root / PATHS["train_prompts"])
     prompts = balanced_prompts(train, t["num_prompts"], t["seed"])
-    s = params["sampling"]
-    from cotgen.generator.sampling import SamplingConfig
-
-    cfg = SamplingConfig(n=1, cfg_scale=s["cfg_scale"], temperature=t["temperature"], top_k=s["top_k"], seed=t["seed"],
-                         tokens_per_step=s.get("tokens_per_step"))
+    cfg = sampling_config(params)
+    cfg.temperature, cfg.seed = t["temperature"], t["seed"]
     traj = sample_trajectories(
         generator, detector, prompts, t["paths_per_prompt"], cfg, heldout_fraction=t["heldout_fraction"],
         prm_steps=t["prm_steps"], prm_rollouts=t["prm_rollouts"], prm_paths_per_prompt=t["prm_paths_per_prompt"],
@@ -331,6 +328,8 @@ def run_search_eval(
     ``metrics/geneval_<name>.json`` (with ``image_tokens_per_image``) and its plot."""
     import json
 
+    from tqdm import tqdm
+
     from cotgen.generator.model import ShapesGenerator
     from cotgen.reward.object_judge import ObjectJudge
     from cotgen.search import SearchConfig, search
@@ -345,8 +344,6 @@ def run_search_eval(
     config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"])
     images: list[list] = [[] for _ in eval_set]
     traces, tokens = [], []
-    from tqdm import tqdm
-
     for rep in tqdm(range(k), desc=f"{name} (N={n})"):
         sampling = sampling_config(params, n)
         sampling.seed = sampling.seed + 1000 * rep
