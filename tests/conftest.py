@@ -1,6 +1,13 @@
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Tests never touch the user's BentoML store: one throw-away store per test session, set
+# before bentoml is imported (its home is read once) and inherited by `bentoml serve`.
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="cotgen-bentoml-")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -12,3 +19,22 @@ def geneval_data() -> Path:
     if not (path / "evaluation_metadata.jsonl").is_file():
         pytest.fail(f"GenEval's official metadata is missing at {path} (shared/ should sit beside the repo)")
     return path
+
+
+#: Stages of the main job in order (the tiny pipeline runs them all).
+ORDER = ["prompts", "detector", "render_ground_truth", "score_ground_truth", "validate_evaluator",
+         "tokenizer", "tokenizer_check", "generator", "sample_baseline", "score_baseline",
+         "trajectories", "judge", "search_parm"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole pipeline on the tiny profile in a temporary root (shared by test modules):
+    ``(root, params, metrics by stage)``. Tests must not modify its outputs."""
+    from cotgen.pipeline.params import load_params
+    from cotgen.pipeline.stages import run_stage
+
+    root = tmp_path_factory.mktemp("pipeline")
+    params = load_params(REPO / "params.yaml", "tiny")
+    metrics = {name: run_stage(name, params, root) for name in ORDER}
+    return root, params, metrics

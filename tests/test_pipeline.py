@@ -8,11 +8,7 @@ import pytest
 from cotgen.pipeline.params import ParamsError, load_params
 from cotgen.pipeline.stages import PATHS, STAGES, run_stage
 
-from .conftest import REPO
-
-ORDER = ["prompts", "detector", "render_ground_truth", "score_ground_truth", "validate_evaluator",
-         "tokenizer", "tokenizer_check", "generator", "sample_baseline", "score_baseline",
-         "trajectories", "judge", "search_parm"]
+from .conftest import ORDER, REPO
 
 
 def test_dvc_stages_call_pipeline_functions():
@@ -34,14 +30,6 @@ def test_params_profiles(tmp_path):
         load_params(REPO / "params.yaml", "huge")
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "absent.yaml")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    params = load_params(REPO / "params.yaml", "tiny")
-    metrics = {name: run_stage(name, params, root) for name in ORDER}
-    return root, params, metrics
 
 
 def test_tiny_pipeline_writes_every_output(tiny_run):
