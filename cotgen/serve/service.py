@@ -1,0 +1,244 @@
+"""The verified generator as a BentoML service (issue 6; DESIGN section 4).
+
+Run it with ``bentoml serve`` in the repository root (``bentofile.yaml`` names
+``cotgen.serve.service:Cotgen``). At start-up it loads the promoted model,
+``cotgen-verified:latest``, from the BentoML model store; with none promoted it stops
+with :class:`cotgen.registry.NoPromotedModelError`, which says how to make one.
+
+Endpoints (all POST with a JSON body, except ``judge``, which takes multipart form data):
+
+- ``/generate``: ``prompt``, ``strategy`` (``sample``, ``best_of_n``, ``prm``, ``parm``;
+  default: the promoted one), ``n``, ``seed``, ``cfg_scale``, ``temperature``, ``top_k``
+  (defaults: the promoted model's), ``return_steps``. Answers JSON: the chosen image as a
+  base64 PNG, its scores, the trace (every candidate: the step at which it became clear,
+  its potential, where it was cut, its outcome score, its tokens and forward passes; the
+  compute spent: image tokens, forward passes, judge calls, seconds) and, with
+  ``return_steps``, every candidate's intermediate images.
+- ``/generate_image``: the same request, answers the chosen image as ``image/png``
+  (headers ``X-Cotgen-Chosen``, ``X-Cotgen-Score``, ``X-Cotgen-Model``).
+- ``/judge``: ``prompt`` and an uploaded image file; answers the reward model's outcome
+  P(yes).
+- ``/info``: the promoted tag, its strategy and sampling settings, its GenEval metadata
+  and the service's limits.
+- BentoML's own: ``/healthz``, ``/livez``, ``/readyz``, ``/metrics`` (Prometheus),
+  ``/docs.json`` (OpenAPI) and ``/`` (Swagger UI).
+
+Bad input gets a 400 that names the problem (pydantic's checks of the schema, then
+:class:`cotgen.serve.core.RequestError` as ``bentoml.exceptions.InvalidArgument``).
+Requests are computed in BentoML's worker threads (``serve.threads``, default 1) behind a
+lock, never on the event loop. Limits come from ``params.yaml``'s ``serve:`` section
+(:mod:`cotgen.serve.config`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import bentoml
+from bentoml.exceptions import InvalidArgument
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from cotgen.registry import PROMOTED_MODEL, NoPromotedModelError
+from cotgen.search import STRATEGIES
+from cotgen.serve.config import load_serve_config
+from cotgen.serve.core import RequestError, VerifiedService, decode_upload
+
+logger = logging.getLogger("cotgen.serve")
+
+CONFIG = load_serve_config()
+
+#: Every strategy cotgen.search knows (a new one, e.g. parm_pp, appears here by itself).
+Strategy = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
+
+Prompt = Annotated[str, Field(min_length=1, max_length=CONFIG.max_prompt_chars,
+                              description="a GenEval-Shapes prompt, e.g. 'a photo of a red circle'",
+                              examples=["a photo of a red circle"])]
+N = Annotated[Optional[int], Field(ge=1, le=CONFIG.max_n, description="candidate paths (default: the promoted N)")]
+Seed = Annotated[Optional[int], Field(ge=0, le=2**63 - 1, description="base seed (default: the promoted one)")]
+CfgScale = Annotated[Optional[float], Field(ge=0, le=CONFIG.max_cfg_scale, allow_inf_nan=False,
+                                            description="CFG scale, 0 = no guidance (default: the promoted one)")]
+Temperature = Annotated[Optional[float], Field(gt=0, le=10, allow_inf_nan=False)]
+TopK = Annotated[Optional[int], Field(ge=0, le=1_000_000)]
+
+
+class PathInfo(BaseModel):
+    candidate: int
+    status: Literal["chosen", "finished", "cut"]
+    clear_step: Optional[int] = Field(None, description="step (1-based) at which it was first judged clear")
+    potential: Optional[float] = Field(None, description="P(yes) of the potential question at clear_step")
+    cut_at_step: Optional[int] = Field(None, description="steps completed when it was cut")
+    outcome: Optional[float] = Field(None, description="P(yes) of the outcome question on its final image")
+    step_scores: list[float] = []
+    clarity_calls: int = 0
+    image_tokens: int = 0
+    forward_passes: int = 0
+
+
+class Compute(BaseModel):
+    image_tokens: int
+    forward_passes: int
+    judge_calls: int
+    seconds: float = Field(description="search wall time")
+    queue_seconds: float = Field(0.0, description="time waited for the model")
+
+
+class Trace(BaseModel):
+    num_steps: int
+    candidates: list[PathInfo]
+    compute: Compute
+
+
+class Scores(BaseModel):
+    outcome: Optional[float] = Field(None, description="judge's P(yes) that the image matches the prompt")
+    potential: Optional[float] = None
+    clear_step: Optional[int] = None
+
+
+class StepImages(BaseModel):
+    candidate: int
+    images_png_base64: list[str]
+
+
+class GenerateResponse(BaseModel):
+    prompt: str
+    strategy: str
+    n: int
+    seed: int
+    cfg_scale: float
+    temperature: float
+    top_k: int
+    model: str
+    image_png_base64: str = Field(description="the chosen image, PNG, base64")
+    chosen: int
+    scores: Scores
+    trace: Trace
+    steps: Optional[list[StepImages]] = None
+
+
+class JudgeResponse(BaseModel):
+    prompt: str
+    outcome: float = Field(description="P(yes) that the image matches the prompt")
+    model: str
+
+
+def _promoted():
+    """The promoted ``bentoml.Model``; NoPromotedModelError saying how to make one if none.
+
+    Looked up here rather than as a class-level ``bentoml.models.BentoModel``: BentoML would
+    then fail before start-up with "No cloud context" instead of saying what to do."""
+    from cotgen.registry import promoted_model
+
+    stored = promoted_model()
+    if stored is None:
+        raise NoPromotedModelError(
+            f"no promoted model {PROMOTED_MODEL}:latest in the BentoML model store "
+            f"(BENTOML_HOME={os.environ.get('BENTOML_HOME', '~/bentoml')}); make one with `dvc repro` "
+            "(stage `package`) or `python flows/retrain.py`, which train, evaluate, gate and promote; "
+            "`bentoml models list` shows what the store holds"
+        )
+    return stored
+
+
+def _bad(e: Exception) -> InvalidArgument:
+    return InvalidArgument(str(e))
+
+
+@bentoml.service(
+    name="cotgen",
+    description="cotgen: the promoted verified generator (GenEval-Shapes world) with its reward model.",
+    workers=CONFIG.workers,
+    threads=CONFIG.threads,
+    traffic={"timeout": CONFIG.request_timeout, "max_concurrency": CONFIG.max_concurrency,
+             "concurrency": CONFIG.threads},
+    http={"host": CONFIG.host, "port": CONFIG.port},
+    resources={"cpu": str(CONFIG.torch_threads)},
+)
+class Cotgen:
+    """The promoted verified generator: ``generate``, ``generate_image``, ``judge``, ``info``."""
+
+    @bentoml.on_deployment
+    def check_promoted_model() -> None:
+        """Runs once in the server's main process before any worker starts: with nothing
+        promoted, ``bentoml serve`` stops at once with the message (workers that fail at
+        start-up would be restarted forever)."""
+        _promoted()
+
+    def __init__(self) -> None:
+        import torch
+
+        from cotgen.registry import load_verified
+
+        torch.set_num_threads(CONFIG.torch_threads)
+        t0 = time.perf_counter()
+        stored = _promoted()
+        self.service = VerifiedService(load_verified(str(stored.tag)), CONFIG)
+        logger.info("cotgen: loaded %s in %.1f s", stored.tag, time.perf_counter() - t0)
+
+    @bentoml.api
+    def generate(
+        self,
+        prompt: Prompt,
+        strategy: Optional[Strategy] = None,
+        n: N = None,
+        seed: Seed = None,
+        cfg_scale: CfgScale = None,
+        temperature: Temperature = None,
+        top_k: TopK = None,
+        return_steps: bool = False,
+    ) -> GenerateResponse:
+        """Generate an image with test-time verification; the chosen image (base64 PNG),
+        its scores and the trace of every candidate path."""
+        try:
+            return GenerateResponse(**self.service.generate_json(
+                prompt=prompt, strategy=strategy, n=n, seed=seed, cfg_scale=cfg_scale, temperature=temperature,
+                top_k=top_k, return_steps=return_steps))
+        except RequestError as e:
+            raise _bad(e) from None
+
+    @bentoml.api
+    def generate_image(
+        self,
+        ctx: bentoml.Context,
+        prompt: Prompt,
+        strategy: Optional[Strategy] = None,
+        n: N = None,
+        seed: Seed = None,
+        cfg_scale: CfgScale = None,
+        temperature: Temperature = None,
+        top_k: TopK = None,
+    ) -> Image.Image:
+        """The chosen image only, as a PNG."""
+        try:
+            result, _, _, _ = self.service.generate(prompt=prompt, strategy=strategy, n=n, seed=seed,
+                                                    cfg_scale=cfg_scale, temperature=temperature, top_k=top_k)
+        except RequestError as e:
+            raise _bad(e) from None
+        ctx.response.metadata["X-Cotgen-Chosen"] = str(result.chosen)
+        ctx.response.metadata["X-Cotgen-Score"] = "" if result.score is None else f"{result.score:.6f}"
+        ctx.response.metadata["X-Cotgen-Model"] = self.service.verified.tag
+        image = result.image.copy()
+        image.format = "PNG"
+        return image
+
+    @bentoml.api
+    def judge(
+        self,
+        prompt: Prompt,
+        image: Path,
+    ) -> JudgeResponse:
+        """The reward model's outcome score P(yes) for (prompt, uploaded image)."""
+        try:
+            pil = decode_upload(Path(image).read_bytes(), CONFIG.max_upload_bytes)
+            return JudgeResponse(**self.service.score(prompt, pil))
+        except RequestError as e:
+            raise _bad(e) from None
+
+    @bentoml.api
+    async def info(self) -> dict:
+        """The promoted model's tag, strategy, sampling settings, GenEval metadata, and the limits."""
+        return self.service.info()
