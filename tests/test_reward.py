@@ -10,7 +10,9 @@ from PIL import Image
 
 from cotgen.generator.sampling import SamplingConfig
 from cotgen.geneval.rules import Detection
-from cotgen.reward.data import Trajectories, judge_examples, sample_trajectories, split_prompts
+from cotgen.reward.data import (
+    Trajectories, concat_trajectories, judge_examples, label_images, render_trajectories, sample_trajectories, split_prompts,
+)
 from cotgen.reward.object_judge import ObjectJudge, ObjectJudgeConfig, ObjectJudgeModel, image_features
 from cotgen.reward.train import train_judge
 from cotgen.world.render import render_scene
@@ -122,3 +124,25 @@ def test_judge_rejects_bad_input(traj):
         judge.score("outcome", ["a photo of a zebra"], [img])
     with pytest.raises(ValueError, match="64x64"):
         judge.score("outcome", ["a photo of a star"], [Image.new("RGB", (32, 32))])
+
+
+def test_render_trajectories_label_decoded_scenes_and_concatenate(traj):
+    gen, t = traj
+    metas = [{"tag": "counting", "include": [{"class": "star", "count": 3}], "prompt": "a photo of three stars"},
+             PROMPTS[0]]
+    r = render_trajectories(gen.image_tokenizer, HashDetector(), metas, near_misses=2, tokens_per_step=16,
+                            progress=False)
+    assert r.tokens.shape == (6, gen.num_image_tokens) and r.num_steps == t.num_steps
+    assert [p["render"] for p in r.paths][::3] == ["scene", "scene"]
+    assert {p["split"] for p in r.paths} == {"train"} and {p["source"] for p in r.paths} == {"render"}
+    # labelled by the evaluator on the decoded image, not by construction
+    decoded = gen.image_tokenizer.decode_images(r.tokens)
+    expected = label_images(HashDetector(), decoded, [p["metadata"] for p in r.paths])
+    assert [(p["correct"], p["reason"]) for p in r.paths] == expected
+    both = concat_trajectories(t, r)
+    assert len(both.paths) == len(t.paths) + 6 and both.prm == t.prm
+    assert torch.equal(both.tokens[len(t.paths):], r.tokens)
+    shifted = concat_trajectories(r, t)
+    assert [x["path"] for x in shifted.prm] == [x["path"] + 6 for x in t.prm]
+    with pytest.raises(ValueError, match="near_misses"):
+        render_trajectories(gen.image_tokenizer, HashDetector(), metas, -1, 16)

@@ -60,3 +60,20 @@ def test_lora_finetune_learns_a_rule_and_merges(tmp_path):
     tuned.save_pretrained(tmp_path / "judge")
     again = VLMJudge.from_pretrained(tmp_path / "judge")
     np.testing.assert_allclose(again.score("outcome", ["a photo of a star"] * 2, [bright, dark]), after, atol=1e-5)
+
+
+def test_full_training_from_scratch_and_deadline(tmp_path):
+    """lora_rank 0 trains every weight (a judge from scratch); max_seconds stops early."""
+    judge = tiny_llava_judge(seed=2, patch_size=8, hidden_size=32, vision_layers=1, text_layers=1)
+    bright, dark = Image.new("RGB", (64, 64), (250, 250, 250)), Image.new("RGB", (64, 64), (5, 5, 5))
+    examples = [("outcome", "a photo of a star", im, lab) for im, lab in [(bright, True), (dark, False)] * 8]
+    weight = judge.model.get_input_embeddings().weight.detach().clone()
+    tuned, metrics = finetune_vlm_judge(judge, examples, tmp_path, lora_rank=0, steps=30, batch_size=8,
+                                        learning_rate=1e-2, warmup_steps=3)
+    assert metrics["steps"] == 30 and not (tmp_path / "adapter").exists()
+    assert not torch.equal(tuned.model.get_input_embeddings().weight, weight)
+    after = tuned.score("outcome", ["a photo of a star"] * 2, [bright, dark])
+    assert after[0] > after[1]
+    _, short = finetune_vlm_judge(tiny_llava_judge(seed=3), examples, tmp_path / "b", lora_rank=0, steps=10_000,
+                                  batch_size=8, max_seconds=0.0)
+    assert short["steps"] < 10_000

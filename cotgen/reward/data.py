@@ -157,12 +157,86 @@ def sample_trajectories(
         for p, (correct, reason), meta in zip(sampler.paths, label_images(detector, images, metas), metas):
             tokens.append(p.tokens)
             paths.append({"prompt": meta["prompt"], "tag": meta["tag"], "metadata": meta, "candidate": p.candidate,
-                          "split": split[meta["prompt"]], "correct": correct, "reason": reason})
+                          "split": split[meta["prompt"]], "source": "generator", "correct": correct,
+                          "reason": reason})
     tokens_t = torch.tensor(tokens, dtype=torch.long)
     tps = cfg.check(generator.num_image_tokens, generator.grid_size)
     prm = prm_labels(generator, detector, tokens_t, paths, prm_steps, prm_rollouts, prm_paths_per_prompt, cfg, tps,
                      batch_prompts, progress)
     return Trajectories(tokens_t, paths, prm, tps)
+
+
+def render_trajectories(
+    image_tokenizer,
+    detector,
+    prompts: Sequence[dict],
+    near_misses: int,
+    tokens_per_step: int,
+    style=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> Trajectories:
+    """Synthetic paths from the renderer, to give the judge more (and more varied) labelled
+    images than the generator's trajectories alone: per training prompt one scene that
+    satisfies it and ``near_misses`` near misses (each of a random applicable kind:
+    :func:`cotgen.world.render.render_near_miss`). Each scene is encoded by the image
+    tokenizer (its codes are the path's tokens, so its intermediate images are drawn like
+    a generated path's) and labelled by the evaluator *on the decoded image*, the way
+    generated paths are labelled (a near miss can come out correct, a scene wrong).
+    Every path is ``split`` "train" and ``source`` "render": judges are measured on
+    generated paths of held-out prompts only, so ``prompts`` must not contain those.
+
+    Args:
+        image_tokenizer: the VQ tokenizer (``encode_images``, ``decode_images``).
+        detector: the GenEval-Shapes detector.
+        prompts: GenEval metadata lines of training prompts.
+        near_misses: near misses per prompt (>= 0).
+        tokens_per_step: image tokens per step of the generator's search.
+        style: a :class:`cotgen.world.render.RenderStyle` (default the generator's
+            training style, CANONICAL).
+    Returns:
+        :class:`Trajectories` with ``len(prompts) * (1 + near_misses)`` paths, no PRM labels.
+    Raises:
+        ValueError: ``near_misses < 0``.
+    """
+    from cotgen.world.render import CANONICAL, near_miss_kinds, render_near_miss, render_scene
+
+    if near_misses < 0:
+        raise ValueError(f"near_misses must be >= 0, got {near_misses}")
+    style = style or CANONICAL
+    rng = np.random.default_rng(seed)
+    images, paths = [], []
+    for meta in tqdm(prompts, desc="rendered paths", disable=not progress):
+        scenes = [("scene", render_scene(meta, rng, style=style)[0])]
+        kinds = near_miss_kinds(meta)
+        for j in range(near_misses):
+            kind = kinds[int(rng.integers(len(kinds)))]
+            scenes.append((kind, render_near_miss(meta, rng, kind, style=style)[0]))
+        for j, (kind, image) in enumerate(scenes):
+            images.append(image)
+            paths.append({"prompt": meta["prompt"], "tag": meta["tag"], "metadata": meta, "candidate": j,
+                          "split": "train", "source": "render", "render": kind})
+    tokens = image_tokenizer.encode_images(images).flatten(1) if images else torch.zeros(0, 0, dtype=torch.long)
+    decoded = image_tokenizer.decode_images(tokens)
+    for path, (correct, reason) in zip(paths, label_images(detector, decoded, [p["metadata"] for p in paths])):
+        path["correct"], path["reason"] = correct, reason
+    return Trajectories(tokens.long(), paths, [], tokens_per_step)
+
+
+def concat_trajectories(first: Trajectories, *others: Trajectories) -> Trajectories:
+    """Paths of ``first`` then of ``others`` (PRM ``path`` indices shifted).
+
+    Raises:
+        ValueError: different ``tokens_per_step`` or image token counts.
+    """
+    tokens, paths, prm = [first.tokens], list(first.paths), list(first.prm)
+    for t in others:
+        if t.tokens_per_step != first.tokens_per_step or t.tokens.shape[1] != first.tokens.shape[1]:
+            raise ValueError("trajectories to concatenate differ in tokens_per_step or image tokens")
+        prm += [{**r, "path": r["path"] + len(paths)} for r in t.prm]
+        paths += t.paths
+        tokens.append(t.tokens)
+    return Trajectories(torch.cat(tokens), paths, prm, first.tokens_per_step)
 
 
 def prm_labels(generator, detector, tokens, paths, steps, k, paths_per_prompt, cfg, tps, batch_rows=8, progress=True):
@@ -237,10 +311,14 @@ def judge_examples(
 
 
 def data_summary(traj: Trajectories) -> dict:
-    """Counts and label rates for ``metrics/reward_data.json``."""
-    paths = traj.paths
+    """Counts and label rates for ``metrics/reward_data.json`` (rates of generated paths;
+    rendered paths counted apart)."""
+    rendered = [p for p in traj.paths if p.get("source") == "render"]
+    paths = [p for p in traj.paths if p.get("source", "generator") == "generator"]
     tags = sorted({p["tag"] for p in paths})
     return {
+        "rendered_paths": len(rendered),
+        "rendered_yes_rate": float(np.mean([p["correct"] for p in rendered])) if rendered else None,
         "paths": len(paths),
         "prompts": len({p["prompt"] for p in paths}),
         "heldout_paths": sum(p["split"] == "heldout" for p in paths),

@@ -510,7 +510,7 @@ def near_miss_kinds(metadata: Mapping) -> list[str]:
 
 
 def render_near_miss(
-    metadata: Mapping, rng: np.random.Generator, kind: str, size: int = IMAGE_SIZE
+    metadata: Mapping, rng: np.random.Generator, kind: str, size: int = IMAGE_SIZE, style: RenderStyle = VARIED
 ) -> tuple[Image.Image, list[dict]]:
     """Draw a scene that breaks exactly one requirement of a metadata line.
 
@@ -525,8 +525,8 @@ def render_near_miss(
             instead so that the image is not empty.
 
     The result is checked to fail :func:`cotgen.geneval.rules.evaluate` on ground-truth
-    detections. Arguments and return value as :func:`render_scene`; distractor objects
-    have ``include`` None.
+    detections. Arguments (``style`` included) and return value as :func:`render_scene`;
+    distractor objects have ``include`` None.
 
     Raises:
         ValueError: ``kind`` is unknown or does not apply to the line
@@ -578,7 +578,7 @@ def render_near_miss(
             else:
                 specs = [s for s in specs if s.group != g]
             relations = [r for r in relations if g not in (r.group, r.target)]
-        arr, objects = _place(specs, relations, rng, size)
+        arr, objects = _place(specs, relations, rng, size, style)
         ok, _ = evaluate(objects_to_detections(objects), metadata)
         if not ok:
             return _to_image(arr), objects
