@@ -306,6 +306,28 @@ def evaluate_search(
     print(json.dumps(summary, indent=2))
 
 
+@app.command("validate")
+def validate_data(
+    kind: str = typer.Argument(..., help="prompts, samples, labels, pairs or reflections"),
+    path: Path = typer.Argument(..., help="the file (JSONL kinds) or folder (samples, labels)"),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="default: reports/validation"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", min=1, help="default: the tokenizer's codebook"),
+) -> None:
+    """Check a data file against its Great Expectations suite; on failure writes
+    <report-dir>/<kind>.json and .md and exits 1."""
+    from rich.markup import escape
+
+    from cotgen.pipeline.validation import DataValidationError, validate
+
+    try:
+        summary = validate(kind, path, report_dir, vocab_size=vocab_size)
+    except DataValidationError as e:
+        _fail(escape(str(e)), code=1)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(escape(str(e)))
+    print(json.dumps(summary, indent=2))
+
+
 @app.command("stage")
 def stage(
     name: str = typer.Argument(..., help="pipeline stage (see dvc.yaml)"),

@@ -51,6 +51,15 @@ def _tmp_dir(final: Path) -> Path:
     return tmp
 
 
+def _validate(kind: str, path: Path, root: Path, **options) -> None:
+    """Check data at a stage boundary with its expectation suite; raises
+    :class:`cotgen.pipeline.validation.DataValidationError` (report under
+    ``reports/validation``) before the stage writes anything."""
+    from cotgen.pipeline.validation import validate
+
+    validate(kind, path, root=root, **options)
+
+
 def stage_prompts(params: dict, root: Path = Path(".")) -> dict:
     """Build the GenEval-Shapes evaluation set (GenEval's procedure, seed 43) and the
     disjoint training set; writes both JSONL files and ``metrics/prompts.json``."""
@@ -59,8 +68,12 @@ def stage_prompts(params: dict, root: Path = Path(".")) -> dict:
     p = params["prompts"]
     eval_set = build_shapes_eval_set(seed=p["eval_seed"], n=p["n_per_tag"])
     train_set = build_shapes_train_set(eval_set, p["train_size"], first_seed=p["train_first_seed"])
-    write_metadata(root / PATHS["eval_prompts"], eval_set)
-    write_metadata(root / PATHS["train_prompts"], train_set)
+    files = {root / PATHS["eval_prompts"]: eval_set, root / PATHS["train_prompts"]: train_set}
+    for final, lines in files.items():
+        write_metadata(final.with_name(final.name + ".tmp"), lines)
+        _validate("prompts", final.with_name(final.name + ".tmp"), root)
+    for final in files:
+        final.with_name(final.name + ".tmp").replace(final)
     metrics = {
         "eval": {"prompts": len(eval_set), "tags": dict(Counter(s["tag"] for s in eval_set))},
         "train": {"prompts": len(train_set), "tags": dict(Counter(s["tag"] for s in train_set))},
@@ -88,6 +101,7 @@ def stage_render_ground_truth(params: dict, root: Path = Path(".")) -> dict:
 
     n = params["evaluation"]["images_per_prompt"]
     seed = params["seed"]
+    _validate("prompts", root / PATHS["eval_prompts"], root)
     eval_set = load_metadata(root / PATHS["eval_prompts"])
     final = root / PATHS["gt_renders"]
     tmp = _tmp_dir(final)
@@ -107,6 +121,7 @@ def score_eval_folder(root: Path, folder_key: str, name: str, title: str) -> dic
     ``plots/geneval_<name>.png``. Every evaluation prompt must be present."""
     from cotgen.world.detector import ShapesDetector
 
+    _validate("samples", root / PATHS[folder_key], root)
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     results, summary = score_folder(root / PATHS[folder_key], detector, metadata_file=root / PATHS["eval_prompts"])
     write_results(root / PATHS[f"{name}_results"], results)
@@ -126,6 +141,7 @@ def stage_validate_evaluator(params: dict, root: Path = Path(".")) -> dict:
     from cotgen.world.detector import ShapesDetector
     from cotgen.world.validate import validate_evaluator
 
+    _validate("prompts", root / PATHS["eval_prompts"], root)
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     eval_set = load_metadata(root / PATHS["eval_prompts"])
     metrics = validate_evaluator(
@@ -156,6 +172,7 @@ def stage_tokenizer_check(params: dict, root: Path = Path(".")) -> dict:
     from cotgen.tokenizer.vq import VQTokenizer, reconstruction_check
     from cotgen.world.detector import ShapesDetector
 
+    _validate("prompts", root / PATHS["eval_prompts"], root)
     tokenizer = VQTokenizer.from_pretrained(root / PATHS["tokenizer"])
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     (root / "plots").mkdir(parents=True, exist_ok=True)
@@ -184,6 +201,7 @@ def stage_generator(params: dict, root: Path = Path(".")) -> dict:
     from cotgen.generator.train import train_generator
 
     g = params["generator"]
+    _validate("prompts", root / PATHS["train_prompts"], root)
     text, image_tokenizer = _load_generator_parts(root)
     final = root / PATHS["generator"]
     tmp = _tmp_dir(final)
@@ -213,6 +231,7 @@ def stage_sample_baseline(params: dict, root: Path = Path(".")) -> dict:
     from cotgen.generator.model import ShapesGenerator
     from cotgen.generator.sampling import sample_images
 
+    _validate("prompts", root / PATHS["eval_prompts"], root)
     generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
     eval_set = load_metadata(root / PATHS["eval_prompts"])
     n = params["evaluation"]["images_per_prompt"]
@@ -258,6 +277,7 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     from cotgen.world.detector import ShapesDetector
 
     t = params["reward"]["trajectories"]
+    _validate("prompts", root / PATHS["train_prompts"], root)
     generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     train = load_metadata(root / PATHS["train_prompts"])
@@ -272,6 +292,7 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     final = root / PATHS["trajectories"]
     tmp = _tmp_dir(final)
     traj.save(tmp)
+    _validate("labels", tmp, root)
     _replace_dir(tmp, final)
     summary = data_summary(traj)
     write_summary(root / "metrics/reward_data.json", summary)
@@ -303,6 +324,7 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
     from cotgen.reward.train import train_judge
 
     j = params["reward"]["judge"]
+    _validate("labels", root / PATHS["trajectories"], root)
     text, image_tokenizer = _load_generator_parts(root)
     traj = Trajectories.load(root / PATHS["trajectories"])
     examples = judge_examples(traj, params["reward"]["clarity_boundary"], steps_per_path=j["steps_per_path"],
@@ -336,6 +358,7 @@ def run_search_eval(
     from cotgen.world.detector import ShapesDetector
 
     name = name or strategy
+    _validate("prompts", root / PATHS["eval_prompts"], root)
     generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
     judge = None if strategy == "sample" else ObjectJudge.from_pretrained(root / PATHS["judge"])
     eval_set = load_metadata(root / PATHS["eval_prompts"])
