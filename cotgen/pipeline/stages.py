@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,13 @@ PATHS = {
     "trajectories": "data/reward/trajectories",
     "judge": "data/judge",
 }
+
+#: DPO variants (``params["align"]["variants"]``; cotgen/align): stages ``pairs_<v>``,
+#: ``<v>``, ``sample_<v>``, ``score_<v>``.
+ALIGN_VARIANTS = ("dpo", "dpo_iter", "parm_dpo", "parm_dpo_iter")
+for _v in ALIGN_VARIANTS:
+    PATHS.update({f"{_v}_pairs": f"data/align/pairs_{_v}.jsonl", f"{_v}_generator": f"data/align/{_v}",
+                  f"{_v}_samples": f"data/samples/{_v}", f"{_v}_results": f"data/results/{_v}.jsonl"})
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -226,21 +234,25 @@ def sampling_config(params: dict, n: int = 1):
                           tokens_per_step=s.get("tokens_per_step"))
 
 
-def stage_sample_baseline(params: dict, root: Path = Path(".")) -> dict:
-    """Plain sampling of the evaluation set, ``images_per_prompt`` per prompt, as a GenEval folder."""
+def stage_sample_baseline(
+    params: dict, root: Path = Path("."), generator_key: str = "generator", name: str = "baseline"
+) -> dict:
+    """Plain sampling of the evaluation set, ``images_per_prompt`` per prompt, as a GenEval folder
+    (``PATHS[f"{name}_samples"]``) from the generator at ``PATHS[generator_key]``: the baseline and
+    the aligned generators (``sample_<variant>``)."""
     from cotgen.generator.model import ShapesGenerator
     from cotgen.generator.sampling import sample_images
 
     _validate("prompts", root / PATHS["eval_prompts"], root)
-    generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
+    generator = ShapesGenerator.from_pretrained(root / PATHS[generator_key])
     eval_set = load_metadata(root / PATHS["eval_prompts"])
     n = params["evaluation"]["images_per_prompt"]
     images = sample_images(generator, [m["prompt"] for m in eval_set], sampling_config(params, n))
-    final = root / PATHS["baseline_samples"]
+    final = root / PATHS[f"{name}_samples"]
     tmp = _tmp_dir(final)
     write_folder(tmp, eval_set, lambda i, m: images[i])
     _replace_dir(tmp, final)
-    samples_grid(eval_set, images).save(_mkparent(root / "plots/baseline_samples.png"))
+    samples_grid(eval_set, images).save(_mkparent(root / f"plots/{name}_samples.png"))
     return {"prompts": len(eval_set), "images": n * len(eval_set)}
 
 
@@ -450,6 +462,124 @@ def stage_search_parm(params: dict, root: Path = Path(".")) -> dict:
     return run_search_eval(params, root, "parm", params["search"]["n"], "parm", k)
 
 
+# --------------------------------------------------------------- preference alignment (DPO)
+
+
+def _align_init_key(variant: str, params: dict) -> str:
+    """PATHS key of the generator a variant starts from: ``generator`` or an earlier
+    variant's aligned generator (iterative DPO's round 2 starts from round 1)."""
+    init = params["align"]["variants"][variant]["init"]
+    return "generator" if init == "generator" else f"{init}_generator"
+
+
+def stage_pairs(params: dict, root: Path = Path("."), variant: str = "dpo") -> dict:
+    """Preference pairs of one DPO variant (``params["align"]["variants"][variant]``):
+    sample ``samples_per_prompt`` images of ``num_prompts`` training prompts from the
+    variant's starting generator, label them with the evaluator or (``labels: judge``,
+    PARM-guided) the judge's outcome score, one (chosen, rejected) pair per prompt that
+    got both labels (:func:`cotgen.align.pairs.build_pairs`); ``heldout_fraction`` of the
+    prompts give held-out pairs (DPO's eval set). Writes ``PATHS["<variant>_pairs"]``
+    (JSONL, checked by the ``pairs`` suite; empty, with a warning, when no prompt got both
+    labels) and ``metrics/align_pairs_<variant>.json``."""
+    import time
+
+    from cotgen.align.pairs import build_pairs, judge_scores, write_pairs
+    from cotgen.generator.model import ShapesGenerator
+    from cotgen.reward.data import sample_trajectories
+    from cotgen.world.detector import ShapesDetector
+
+    a, v = params["align"]["pairs"], params["align"]["variants"][variant]
+    start = time.monotonic()
+    _validate("prompts", root / PATHS["train_prompts"], root)
+    generator = ShapesGenerator.from_pretrained(root / PATHS[_align_init_key(variant, params)])
+    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+    prompts = balanced_prompts(load_metadata(root / PATHS["train_prompts"]), a["num_prompts"], a["seed"] + v["seed"])
+    cfg = sampling_config(params)
+    cfg.temperature, cfg.seed = a["temperature"], a["seed"] + v["seed"]
+    traj = sample_trajectories(generator, detector, prompts, a["samples_per_prompt"], cfg,
+                               heldout_fraction=a["heldout_fraction"], batch_prompts=a["batch_prompts"],
+                               seed=a["seed"] + v["seed"])
+    scores = None
+    if v["labels"] == "judge":
+        from cotgen.reward.object_judge import ObjectJudge
+
+        judge = ObjectJudge.from_pretrained(root / PATHS["judge"])
+        scores = judge_scores(judge, generator, traj.tokens, [p["prompt"] for p in traj.paths])
+    elif v["labels"] != "evaluator":
+        raise ValueError(f"align.variants.{variant}.labels must be 'evaluator' or 'judge', got {v['labels']!r}")
+    pairs, stats = build_pairs(traj.tokens, traj.paths, seed=a["seed"] + v["seed"], scores=scores,
+                               threshold=a["judge_threshold"], min_gap=a.get("judge_min_gap", 0.0))
+    if not pairs:  # every prompt's samples got one label: the round has nothing to learn (the dpo stage is a no-op)
+        import warnings
+
+        warnings.warn(f"{variant}: no preference pairs from {stats['prompts']} prompts (all yes: "
+                      f"{stats['skipped_all_yes']}, all no: {stats['skipped_all_no']}, tied: {stats['skipped_tied']}); "
+                      "sample more images per prompt (align.pairs.samples_per_prompt) or more prompts", stacklevel=2)
+    final = root / PATHS[f"{variant}_pairs"]
+    tmp = final.with_name(final.name + ".tmp")
+    write_pairs(tmp, pairs)
+    if pairs:
+        _validate("pairs", tmp, root, vocab_size=generator.codebook_size)
+    tmp.replace(final)
+    stats.update(variant=variant, heldout_pairs=sum(p.get("split") == "heldout" for p in pairs),
+                 correct_samples=float(np.mean([p["correct"] for p in traj.paths])),
+                 seconds=time.monotonic() - start)
+    write_summary(root / f"metrics/align_pairs_{variant}.json", stats)
+    return stats
+
+
+def stage_dpo(params: dict, root: Path = Path("."), variant: str = "dpo") -> dict:
+    """DPO of one variant with trl + LoRA (:func:`cotgen.align.dpo.train_dpo`) on its
+    pairs, starting from (and referenced to) the variant's starting generator; writes
+    ``PATHS["<variant>_generator"]`` (merged :class:`ShapesGenerator`, the adapter under
+    ``adapter/``, the training log in ``train_log.json``) and ``metrics/align_<variant>.json``.
+    Without training pairs (every prompt's samples got one label) the round is a no-op: the
+    starting generator is copied unchanged and the metrics say so."""
+    import json
+    import tempfile
+
+    from cotgen.align.dpo import train_dpo
+    from cotgen.align.pairs import read_pairs
+    from cotgen.generator.model import ShapesGenerator
+
+    d = params["align"]["dpo"]
+    pairs = read_pairs(root / PATHS[f"{variant}_pairs"])
+    if pairs:
+        _validate("pairs", root / PATHS[f"{variant}_pairs"], root)
+    train = [p for p in pairs if p.get("split") != "heldout"]
+    heldout = [p for p in pairs if p.get("split") == "heldout"]
+    init = root / PATHS[_align_init_key(variant, params)]
+    final = root / PATHS[f"{variant}_generator"]
+    tmp = _tmp_dir(final)
+    if not train:  # no pairs to learn from: the round leaves its starting generator as it was
+        shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("adapter", "train_log.json"))
+        _replace_dir(tmp, final)
+        metrics = {"variant": variant, "init": params["align"]["variants"][variant]["init"], "pairs": 0,
+                   "heldout_pairs": len(heldout), "steps": 0, "note": "no training pairs: generator unchanged"}
+        write_summary(root / f"metrics/align_{variant}.json", metrics)
+        return metrics
+    generator = ShapesGenerator.from_pretrained(init)
+    with tempfile.TemporaryDirectory() as scratch:
+        _, metrics = train_dpo(
+            generator, train, scratch, heldout=heldout, beta=d["beta"], loss_type=d["loss_type"],
+            lora_rank=d["lora_rank"], lora_alpha=d["lora_alpha"], target_modules=d["target_modules"],
+            steps=d["steps"], batch_size=d["batch_size"], learning_rate=d["learning_rate"],
+            warmup_steps=d["warmup_steps"], seed=d["seed"], max_seconds=d.get("max_seconds"),
+        )
+        shutil.copytree(Path(scratch) / "generator", tmp)
+        shutil.copytree(Path(scratch) / "adapter", tmp / "adapter")
+    (tmp / "train_log.json").write_text(json.dumps(metrics.pop("log"), indent=1) + "\n")
+    _replace_dir(tmp, final)
+    metrics.update(variant=variant, init=params["align"]["variants"][variant]["init"])
+    write_summary(root / f"metrics/align_{variant}.json", metrics)
+    return metrics
+
+
+def stage_score_variant(params: dict, root: Path = Path("."), variant: str = "dpo") -> dict:
+    """GenEval of an aligned generator's samples (``sample_<variant>``)."""
+    return score_eval_folder(root, f"{variant}_samples", variant, f"GenEval-Shapes, {variant} (plain sampling)")
+
+
 STAGES = {
     "prompts": stage_prompts,
     "detector": stage_detector,
@@ -465,6 +595,11 @@ STAGES = {
     "judge": stage_judge,
     "search_parm": stage_search_parm,
 }
+
+for _v in ALIGN_VARIANTS:
+    STAGES.update({f"pairs_{_v}": partial(stage_pairs, variant=_v), _v: partial(stage_dpo, variant=_v),
+                   f"sample_{_v}": partial(stage_sample_baseline, generator_key=f"{_v}_generator", name=_v),
+                   f"score_{_v}": partial(stage_score_variant, variant=_v)})
 
 
 def run_stage(name: str, params: dict, root: Path = Path(".")) -> dict:
