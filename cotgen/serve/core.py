@@ -108,8 +108,8 @@ class VerifiedService:
             raise RequestError(f"n must be between 1 and {self.config.max_n} (serve.max_n), got {n}")
         if not 0 <= cfg_scale <= self.config.max_cfg_scale:
             raise RequestError(f"cfg_scale must be between 0 and {self.config.max_cfg_scale}, got {cfg_scale}")
-        if not 0 < temperature <= 10:
-            raise RequestError(f"temperature must be in (0, 10], got {temperature}")
+        if not 1e-3 <= temperature <= 10:
+            raise RequestError(f"temperature must be between 0.001 and 10, got {temperature}")
         if not 0 <= top_k <= self.generator.codebook_size:
             raise RequestError(f"top_k must be between 0 and {self.generator.codebook_size} (0 = all), got {top_k}")
         if not 0 <= seed < 2**63:
@@ -164,7 +164,7 @@ class VerifiedService:
                 "candidates": candidates,
                 "compute": {**result.compute, "queue_seconds": waited},
             },
-            "steps": None,
+            "steps": [],
         }
         if return_steps and result.steps is not None:
             answer["steps"] = [

@@ -47,6 +47,7 @@ from cotgen.registry import PROMOTED_MODEL, NoPromotedModelError
 from cotgen.search import STRATEGIES
 from cotgen.serve.config import load_serve_config
 from cotgen.serve.core import RequestError, VerifiedService, decode_upload
+from cotgen.serve.guard import RequestGuard
 
 logger = logging.getLogger("cotgen.serve")
 
@@ -62,7 +63,8 @@ N = Annotated[Optional[int], Field(ge=1, le=CONFIG.max_n, description="candidate
 Seed = Annotated[Optional[int], Field(ge=0, le=2**63 - 1, description="base seed (default: the promoted one)")]
 CfgScale = Annotated[Optional[float], Field(ge=0, le=CONFIG.max_cfg_scale, allow_inf_nan=False,
                                             description="CFG scale, 0 = no guidance (default: the promoted one)")]
-Temperature = Annotated[Optional[float], Field(gt=0, le=10, allow_inf_nan=False)]
+# ge, not gt: pydantic writes gt as a number-valued exclusiveMinimum, which OpenAPI 3.0 forbids
+Temperature = Annotated[Optional[float], Field(ge=1e-3, le=10, allow_inf_nan=False)]
 TopK = Annotated[Optional[int], Field(ge=0, le=1_000_000)]
 
 
@@ -117,7 +119,10 @@ class GenerateResponse(BaseModel):
     chosen: int
     scores: Scores
     trace: Trace
-    steps: Optional[list[StepImages]] = None
+    # a list, never null: BentoML's schema drops the null of Optional[list] and its client
+    # then fails to decode a null
+    steps: list[StepImages] = Field(default_factory=list, description="per candidate, its image after each "
+                                    "step it lived (only with return_steps)")
 
 
 class JudgeResponse(BaseModel):
@@ -242,3 +247,7 @@ class Cotgen:
     async def info(self) -> dict:
         """The promoted model's tag, strategy, sampling settings, GenEval metadata, and the limits."""
         return self.service.info()
+
+
+# bounded request bodies; malformed multipart bodies get a 400, not BentoML's 500
+Cotgen.add_asgi_middleware(RequestGuard, max_body_bytes=CONFIG.max_upload_bytes + 64 * 1024)
