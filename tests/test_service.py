@@ -1,0 +1,340 @@
+"""The BentoML service (issue 6): `bentoml serve` as a subprocess on a free loopback port,
+talked to with BentoML's HTTP client and plain httpx; a bounded schemathesis run.
+
+One server for the module, against a tiny verified generator promoted into the test
+session's throw-away BentoML store (tests/conftest.py); its limits come from a small
+``serve:`` section (``COTGEN_PARAMS``) so that fuzzing stays cheap.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO
+
+MAX_N = 4
+PROMPT = "a photo of a red circle"
+SERVE_PARAMS = {"serve": {"max_n": MAX_N, "max_prompt_chars": 120, "max_cfg_scale": 10.0,
+                          "max_upload_bytes": 200_000, "request_timeout": 60, "max_concurrency": 16}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(env: dict, port: int, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bentoml", "serve", "cotgen.serve.service:Cotgen", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def promoted(tiny_run):
+    """A tiny verified generator (parm, N=3), promoted: ``cotgen-verified:latest``."""
+    from cotgen.pipeline.stages import PATHS, sampling_config
+    from cotgen.registry import promote, save_candidate
+    from cotgen.search import SearchConfig
+
+    root, params, _ = tiny_run
+    scores = json.loads((root / "metrics/geneval_parm.json").read_text())
+    tag = save_candidate(root / PATHS["generator"], root / PATHS["judge"], sampling_config(params, 3),
+                         SearchConfig("parm"), scores, root=root)
+    return str(promote(tag))
+
+
+@pytest.fixture(scope="module")
+def server(promoted, tmp_path_factory):
+    """Base URL of `bentoml serve` running the promoted model on a free loopback port."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp("serve")
+    (tmp / "params.yaml").write_text(yaml.safe_dump(SERVE_PARAMS))
+    env = {**os.environ, "COTGEN_PARAMS": str(tmp / "params.yaml")}
+    port = _free_port()
+    log = tmp / "server.log"
+    proc = _start(env, port, log)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"bentoml serve not ready after 180 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server, server_ready_timeout=30, timeout=60) as c:
+        yield c
+
+
+def _png(b64: str) -> Image.Image:
+    im = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert im.format == "PNG"
+    return im
+
+
+def _post(url: str, path: str, timeout: float = 60, **kwargs) -> httpx.Response:
+    return httpx.post(f"{url}{path}", timeout=timeout, **kwargs)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- endpoints ---------------------------------------------------------------------------
+
+
+def test_health_metrics_openapi(server):
+    for path in ("/healthz", "/livez", "/readyz"):
+        assert httpx.get(server + path, timeout=10).status_code == 200, path
+    spec = httpx.get(server + "/docs.json", timeout=10).json()
+    assert {"/generate", "/generate_image", "/judge", "/info"} <= set(spec["paths"])
+    strategy = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert "parm" in json.dumps(strategy)
+    _post(server, "/info", json={})
+    metrics = httpx.get(server + "/metrics", timeout=10)
+    assert metrics.status_code == 200 and "request_total" in metrics.text
+
+
+def test_info(client, promoted):
+    info = client.info()
+    assert info["tag"] == promoted and info["strategy"] == "parm" and info["sampling"]["n"] == 3
+    assert "geneval_overall" in info["metadata"] and "git_revision" in info["metadata"]
+    assert info["limits"]["max_n"] == MAX_N and info["image_size"] == 64
+    assert set(info["strategies"]) >= {"sample", "best_of_n", "prm", "parm"}
+
+
+def test_generate_parm_trace_and_steps(client, promoted):
+    r = client.generate(prompt=PROMPT, strategy="parm", n=MAX_N, seed=3, return_steps=True)
+    assert r["model"] == promoted and r["strategy"] == "parm" and r["n"] == MAX_N and r["seed"] == 3
+    assert _png(r["image_png_base64"]).size == (64, 64)
+    trace = r["trace"]
+    assert [c["candidate"] for c in trace["candidates"]] == list(range(MAX_N))
+    chosen = [c for c in trace["candidates"] if c["status"] == "chosen"]
+    assert len(chosen) == 1 and chosen[0]["candidate"] == r["chosen"]
+    assert r["scores"]["outcome"] == chosen[0]["outcome"] and 0 <= r["scores"]["outcome"] <= 1
+    compute = trace["compute"]
+    assert compute["image_tokens"] == sum(c["image_tokens"] for c in trace["candidates"]) > 0
+    assert compute["forward_passes"] > 0 and compute["judge_calls"] > 0 and compute["seconds"] > 0
+    for c in trace["candidates"]:
+        assert (c["status"] == "cut") == (c["cut_at_step"] is not None)
+        assert c["clarity_calls"] >= 1  # parm asks every path about clarity at least once
+    # intermediate images: one per step each candidate lived
+    assert [s["candidate"] for s in r["steps"]] == list(range(MAX_N))
+    for s, c in zip(r["steps"], trace["candidates"]):
+        lived = c["cut_at_step"] if c["cut_at_step"] is not None else trace["num_steps"]
+        assert len(s["images_png_base64"]) == lived
+        assert _png(s["images_png_base64"][-1]).size == (64, 64)
+    final = r["steps"][r["chosen"]]["images_png_base64"][-1]
+    assert _png(final).tobytes() == _png(r["image_png_base64"]).tobytes()
+
+
+@pytest.mark.parametrize("strategy", ["sample", "best_of_n", "prm"])
+def test_generate_other_strategies(server, strategy):
+    body = {"prompt": PROMPT, "strategy": strategy, "n": 2, "seed": 1, "cfg_scale": 1.0}
+    r = _post(server, "/generate", json=body)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["strategy"] == strategy and d["cfg_scale"] == 1.0 and d["steps"] == []
+    if strategy == "sample":
+        assert d["n"] == 1 and d["scores"]["outcome"] is None and d["trace"]["compute"]["judge_calls"] == 0
+    else:
+        assert d["n"] == 2 and d["scores"]["outcome"] is not None
+    if strategy == "prm":
+        assert all(c["step_scores"] for c in d["trace"]["candidates"])
+    # same request, same image
+    again = _post(server, "/generate", json=body).json()
+    assert again["image_png_base64"] == d["image_png_base64"]
+
+
+def test_generate_defaults_are_the_promoted_ones(server):
+    d = _post(server, "/generate", json={"prompt": "  A photo of a  red circle "}).json()
+    assert d["prompt"] == "A photo of a red circle"  # whitespace collapsed (the tokenizer lower-cases)
+    assert d["strategy"] == "parm" and d["n"] == 3 and d["seed"] == 0
+
+
+def test_generate_image_png(client, server):
+    image = client.generate_image(prompt=PROMPT, strategy="best_of_n", n=2, seed=5)
+    assert image.size == (64, 64)
+    r = _post(server, "/generate_image", json={"prompt": PROMPT, "strategy": "best_of_n", "n": 2, "seed": 5})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["x-cotgen-chosen"].isdigit() and 0 <= float(r.headers["x-cotgen-score"]) <= 1
+    as_json = _post(server, "/generate", json={"prompt": PROMPT, "strategy": "best_of_n", "n": 2, "seed": 5}).json()
+    assert Image.open(io.BytesIO(r.content)).tobytes() == _png(as_json["image_png_base64"]).tobytes()
+
+
+def test_judge_scores_like_the_search(client, server, tmp_path):
+    d = _post(server, "/generate", json={"prompt": PROMPT, "strategy": "best_of_n", "n": 2, "seed": 7}).json()
+    path = tmp_path / "chosen.png"
+    path.write_bytes(base64.b64decode(d["image_png_base64"]))
+    j = client.judge(prompt=PROMPT, image=path)
+    assert j["outcome"] == pytest.approx(d["scores"]["outcome"], abs=1e-5)
+    r = _post(server, "/judge", data={"prompt": PROMPT}, files={"image": ("x.png", path.read_bytes(), "image/png")})
+    assert r.status_code == 200 and r.json()["outcome"] == pytest.approx(j["outcome"])
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+GOOD = {"prompt": PROMPT, "strategy": "sample", "n": 1}
+BAD_GENERATE = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"prompt": "a photo of a dog and a purplish cat"}, "'dog', 'purplish', 'cat'"),
+    ({"prompt": "a photo of a red circle " * 5}, "at most"),
+    ({"prompt": "a " * 70}, "prompt"),  # over max_prompt_chars
+    ({"n": MAX_N + 1}, "n"),
+    ({"n": 0}, "n"),
+    ({"n": "many"}, "n"),
+    ({"strategy": "beam"}, "strategy"),
+    ({"strategy": "parm_pp"}, "strategy"),
+    ({"cfg_scale": -1}, "cfg_scale"),
+    ({"cfg_scale": 1e6}, "cfg_scale"),
+    ({"temperature": 0}, "temperature"),
+    ({"seed": -1}, "seed"),
+]
+
+
+@pytest.mark.parametrize("endpoint", ["/generate", "/generate_image"])
+@pytest.mark.parametrize("override,named", BAD_GENERATE, ids=[str(i) for i in range(len(BAD_GENERATE))])
+def test_bad_generate_requests_are_4xx_naming_the_problem(server, endpoint, override, named):
+    r = _post(server, endpoint, json={**GOOD, **override})
+    assert 400 <= r.status_code < 500, r.text
+    assert named in r.text, r.text
+
+
+def test_bad_requests_without_json(server):
+    r = _post(server, "/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500
+    r = _post(server, "/generate", json={"strategy": "sample"})  # no prompt
+    assert r.status_code == 400 and "prompt" in r.text
+
+
+def test_bad_uploads_are_4xx_naming_the_problem(server, client, tmp_path):
+    import bentoml
+
+    def judge(content: bytes, prompt=PROMPT, name="x.png", ctype="image/png"):
+        return _post(server, "/judge", data={"prompt": prompt}, files={"image": (name, content, ctype)})
+
+    r = judge(b"hello, I am text", name="x.txt", ctype="text/plain")
+    assert r.status_code == 400 and "not an image" in r.text
+    r = judge(b"")
+    assert r.status_code == 400 and "empty" in r.text
+    r = judge(_png_bytes(Image.new("RGB", (32, 48))))
+    assert r.status_code == 400 and "64x64" in r.text
+    r = judge(_png_bytes(Image.new("RGB", (64, 64))), prompt="a photo of a unicorn")
+    assert r.status_code == 400 and "'unicorn'" in r.text
+    r = judge(b"\x89PNG" + b"\0" * (SERVE_PARAMS["serve"]["max_upload_bytes"] + 100_000))
+    assert r.status_code == 413
+    r = _post(server, "/judge", data={"prompt": PROMPT})  # no file
+    assert r.status_code == 400 and "image" in r.text
+    r = _post(server, "/judge", content=b"--x\r\n[garbage", headers={"content-type": "multipart/form-data"})
+    assert r.status_code == 400 and "multipart" in r.text
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    with pytest.raises(bentoml.exceptions.BentoMLException, match="not an image") as e:
+        client.judge(prompt=PROMPT, image=bad)
+    assert e.value.error_code == 400
+    with pytest.raises(bentoml.exceptions.BentoMLException, match="'dog'"):
+        client.generate(prompt="a photo of a dog")
+    # nothing above hurt the worker
+    assert httpx.get(server + "/readyz", timeout=10).status_code == 200
+    assert _post(server, "/generate", json=GOOD).status_code == 200
+
+
+# -- load ----------------------------------------------------------------------------------
+
+
+def test_concurrent_requests(server):
+    bodies = [{"prompt": p, "strategy": s, "n": 2, "seed": i % 4}
+              for i, (p, s) in enumerate([(PROMPT, "parm"), ("a photo of two blue squares", "sample"),
+                                          ("a photo of a star", "best_of_n"), (PROMPT, "sample")] * 2)]
+    alone = [_post(server, "/generate", json=b).json()["image_png_base64"] for b in bodies[:4]]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda b: _post(server, "/generate", json=b, timeout=120), bodies))
+        health = httpx.get(server + "/healthz", timeout=5)  # the event loop is not blocked
+    assert health.status_code == 200
+    assert [r.status_code for r in responses] == [200] * 8
+    # a request answers the same inside a crowd as alone
+    assert [r.json()["image_png_base64"] for r in responses] == alone * 2
+    assert sum(r.json()["trace"]["compute"]["queue_seconds"] for r in responses) > 0
+
+
+# -- start-up without a model ----------------------------------------------------------------
+
+
+def test_startup_without_promoted_model_says_how_to_make_one(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "empty-store")}
+    log = tmp_path / "server.log"
+    proc = _start(env, _free_port(), log)
+    try:
+        proc.wait(120)
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        pytest.fail(f"bentoml serve kept running without a promoted model:\n{log.read_text()[-3000:]}")
+    out = log.read_text()
+    assert proc.returncode != 0
+    assert "NoPromotedModelError" in out and "cotgen-verified:latest" in out and "flows/retrain.py" in out
+
+
+# -- fuzzing -------------------------------------------------------------------------------
+
+
+def _schemathesis(url: str, *args: str) -> None:
+    st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
+    cmd = [st, "run", f"{url}/docs.json", "--checks", "not_a_server_error", "--seed", "1", "--workers", "1",
+           "--generation-database", "none", "--no-color", "--request-timeout", "60", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
+
+
+def test_schemathesis_finds_no_server_error(server):
+    # cheap operations: every phase, 30 examples each
+    _schemathesis(server, "--exclude-path-regex", "^/generate", "--max-examples", "30")
+    # generation: every valid request runs a search, so fuzz with fewer examples and
+    # walk the schema's boundaries with invalid values only
+    _schemathesis(server, "--include-path-regex", "^/generate", "--phases", "examples,fuzzing",
+                  "--max-examples", "15")
+    _schemathesis(server, "--include-path-regex", "^/generate", "--phases", "coverage", "--mode", "negative")
