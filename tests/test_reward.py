@@ -146,3 +146,31 @@ def test_render_trajectories_label_decoded_scenes_and_concatenate(traj):
     assert [x["path"] for x in shifted.prm] == [x["path"] + 6 for x in t.prm]
     with pytest.raises(ValueError, match="near_misses"):
         render_trajectories(gen.image_tokenizer, HashDetector(), metas, -1, 16)
+
+
+def test_perception_targets_follow_the_labeller_and_enter_the_loss():
+    from cotgen.world.detector import ShapesDetector
+
+    meta = {"tag": "counting", "include": [{"class": "star", "count": 3}], "prompt": "a photo of three stars"}
+    image, _ = render_scene(meta, np.random.default_rng(0))
+    labeller = ShapesDetector()  # random weights: any labeller with the world's segmentation
+    config = ObjectJudgeConfig(text_vocab=44, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    f = image_features([image], config, labeller)
+    dets = labeller.detect(image)
+    assert f["shape_targets"].shape == (1, 8, 9) and f["color_targets"].shape == (1, 8, 10)
+    np.testing.assert_allclose(f["shape_targets"][0, :3].sum(-1), 1, atol=1e-5)
+    assert (f["shape_targets"][0, 3:] == 0).all()  # empty slots carry no target
+    # slot order is the detector's component order: same boxes, same colour
+    colors = [max(d.color_scores, key=d.color_scores.get) for d in dets[SHAPES[0]]] if dets[SHAPES[0]] else []
+    if colors:
+        assert [labeller.config.colors[i] for i in f["color_targets"][0, :3].argmax(-1)] == colors
+    plain = image_features([image], config)
+    assert "shape_targets" not in plain and torch.equal(plain["crops"], f["crops"])
+    model = ObjectJudgeModel(config)
+    inputs = {k: v for k, v in plain.items()}
+    common = dict(words=torch.ones(1, 12, dtype=torch.long), question=torch.tensor([0]), progress=torch.tensor([1.0]),
+                  labels=torch.tensor([1]))
+    without = model(**inputs, **common).loss
+    with_targets = model(**f, **common).loss
+    assert with_targets > without  # the perception term is added
+    assert torch.equal(model(**inputs, **common).logits, model(**f, **common).logits)  # targets never change scores

@@ -47,6 +47,10 @@ class ObjectJudgeConfig(PretrainedConfig):
         hidden_size, num_hidden_layers, num_attention_heads, intermediate_size: the
             BertModel encoder.
         image_size: side of accepted images, pixels.
+        num_shapes, num_colors: outputs of the per-object perception heads (shape
+            classes + junk; colours).
+        perception_weight: weight of the perception loss (training only; see
+            :class:`ObjectJudgeModel`).
     """
 
     model_type = "cotgen-object-judge"
@@ -63,8 +67,14 @@ class ObjectJudgeConfig(PretrainedConfig):
         intermediate_size: int = 192,
         image_size: int = 64,
         pad_token_id: int = 0,
+        num_shapes: int = 9,
+        num_colors: int = 10,
+        perception_weight: float = 1.0,
         **kwargs,
     ) -> None:
+        self.num_shapes = num_shapes
+        self.num_colors = num_colors
+        self.perception_weight = perception_weight
         self.text_vocab = text_vocab
         self.prompt_len = prompt_len
         self.max_objects = max_objects
@@ -82,12 +92,24 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 
 class ObjectJudgeModel(PreTrainedModel):
-    """``forward(crops, geometry, object_mask, words, question, progress, labels=None)``.
+    """``forward(crops, geometry, object_mask, words, question, progress, labels=None,
+    shape_targets=None, color_targets=None)``.
 
     Shapes: crops float ``(B, O, 5, c, c)``; geometry float ``(B, O, 6)``; object_mask
     bool ``(B, O)``; words long ``(B, prompt_len)``; question long ``(B,)`` (index in
     :data:`QUESTION_IDS`); progress float ``(B,)`` in [0, 1]; labels long ``(B,)`` (1 =
     yes). Returns logits float ``(B, 2)`` over (no, yes) and the cross-entropy loss.
+
+    Each object token carries its crop embedding, its geometry and the embedding of
+    its own *perception*: shape and colour distributions predicted from the crop
+    (``num_shapes`` incl. junk, ``num_colors``). With ``shape_targets`` /
+    ``color_targets`` (float ``(B, O, num_shapes)`` / ``(B, O, num_colors)``
+    probabilities, training only) the perception heads are also fitted to them with
+    weight ``perception_weight``: soft targets from the training labeller's per-object
+    perception (the evaluator's detector, applied to training images only, as the
+    yes/no labels are). Without the perception targets, the judge learnt almost no
+    binding between words and objects (held-out outcome AUROC 0.79-0.80; P(yes) of a
+    clean green star for "a green star" 0.2).
     """
 
     config_class = ObjectJudgeConfig
@@ -100,6 +122,9 @@ class ObjectJudgeModel(PreTrainedModel):
             _conv(5, 32, 1), _conv(32, 64, 2), _conv(64, 64, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, d)
         )
         self.geometry = nn.Sequential(nn.Linear(GEOMETRY, d), nn.GELU(), nn.Linear(d, d))
+        self.shape_head = nn.Linear(d, config.num_shapes)
+        self.color_head = nn.Linear(d, config.num_colors)
+        self.perception = nn.Linear(config.num_shapes + config.num_colors, d)
         self.words = nn.Embedding(config.text_vocab, d)
         self.questions = nn.Embedding(len(QUESTION_IDS), d)
         self.progress = nn.Linear(1, d)
@@ -131,9 +156,13 @@ class ObjectJudgeModel(PreTrainedModel):
             hf_init.ones_(module.weight)
             hf_init.zeros_(module.bias)
 
-    def forward(self, crops, geometry, object_mask, words, question, progress, labels=None) -> SequenceClassifierOutput:
+    def forward(self, crops, geometry, object_mask, words, question, progress, labels=None, shape_targets=None,
+                color_targets=None) -> SequenceClassifierOutput:
         B, O = object_mask.shape
-        obj = self.crop_encoder(crops.float().flatten(0, 1)).view(B, O, -1) + self.geometry(geometry.float())
+        crop = self.crop_encoder(crops.float().flatten(0, 1)).view(B, O, -1)
+        shape_logits, color_logits = self.shape_head(crop), self.color_head(crop)
+        percept = torch.cat([shape_logits.softmax(-1), color_logits.softmax(-1)], -1)
+        obj = crop + self.geometry(geometry.float()) + self.perception(percept)
         q = self.questions(question) + self.progress(progress.float()[:, None])
         w = self.words(words)
         embeds = torch.cat([q[:, None], obj, w], dim=1)
@@ -147,15 +176,28 @@ class ObjectJudgeModel(PreTrainedModel):
         h = self.encoder(inputs_embeds=embeds, attention_mask=mask.long(), token_type_ids=types).last_hidden_state
         logits = self.head(h[:, 0])
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        if loss is not None and shape_targets is not None and color_targets is not None:
+            valid = object_mask.bool()
+            if valid.any():
+                soft_ce = [-(t.float()[valid] * lg[valid].log_softmax(-1)).sum(-1).mean()
+                           for t, lg in ((shape_targets, shape_logits), (color_targets, color_logits))]
+                loss = loss + self.config.perception_weight * (soft_ce[0] + soft_ce[1])
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def image_features(images: Sequence[Image.Image | np.ndarray], config: ObjectJudgeConfig) -> dict[str, torch.Tensor]:
+def image_features(
+    images: Sequence[Image.Image | np.ndarray], config: ObjectJudgeConfig, perception_labeller=None
+) -> dict[str, torch.Tensor]:
     """Object tokens' inputs of images: ``crops`` float16 ``(N, O, 5, c, c)``,
     ``geometry`` float32 ``(N, O, 6)``, ``object_mask`` bool ``(N, O)``.
 
     Regions come from :func:`cotgen.world.detector.segment`; the ``max_objects``
     largest are kept, in raster order of their first pixel.
+
+    With ``perception_labeller`` (training only: a
+    :class:`cotgen.world.detector.ShapesDetector`, whose segmentation is the same), also
+    ``shape_targets`` float32 ``(N, O, num_shapes)`` and ``color_targets`` float32
+    ``(N, O, num_colors)``: its class (+ junk) and colour probabilities per region.
 
     Raises:
         ValueError: not an image or the wrong size.
@@ -165,6 +207,10 @@ def image_features(images: Sequence[Image.Image | np.ndarray], config: ObjectJud
     crops = torch.zeros(len(images), O, 5, c, c, dtype=torch.float16)
     geometry = torch.zeros(len(images), O, GEOMETRY)
     mask = torch.zeros(len(images), O, dtype=torch.bool)
+    targets = None
+    if perception_labeller is not None:
+        targets = (torch.zeros(len(images), O, config.num_shapes), torch.zeros(len(images), O, config.num_colors))
+        label_crops, label_slots = [], []
     for i, image in enumerate(images):
         rgb = to_rgb_array(image, config.image_size)
         comps, dist = segment(rgb, det_cfg)
@@ -174,6 +220,9 @@ def image_features(images: Sequence[Image.Image | np.ndarray], config: ObjectJud
         if not comps:
             continue
         crops[i, : len(comps)] = crop_inputs(rgb, dist, comps, det_cfg).half()
+        if targets is not None:
+            label_crops.append(crop_inputs(rgb, dist, comps, perception_labeller.config))
+            label_slots += [(i, j) for j in range(len(comps))]
         for j, comp in enumerate(comps):
             x1, y1, x2, y2 = comp.box
             geometry[i, j] = torch.tensor(
@@ -181,7 +230,15 @@ def image_features(images: Sequence[Image.Image | np.ndarray], config: ObjectJud
                  math.sqrt(comp.mask.sum() / s**2), comp.quality]
             )
         mask[i, : len(comps)] = True
-    return {"crops": crops, "geometry": geometry, "object_mask": mask}
+    out = {"crops": crops, "geometry": geometry, "object_mask": mask}
+    if targets is not None:
+        if label_slots:
+            p_shape, p_color = perception_labeller.classify(torch.cat(label_crops))
+            rows, cols = torch.tensor(label_slots).T
+            targets[0][rows, cols] = torch.from_numpy(p_shape)
+            targets[1][rows, cols] = torch.from_numpy(p_color)
+        out.update(shape_targets=targets[0], color_targets=targets[1])
+    return out
 
 
 class ObjectJudge:

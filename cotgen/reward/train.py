@@ -44,14 +44,14 @@ class FeatureBank:
     """Judge inputs of every (path, step) image used by a set of examples."""
 
     def __init__(self, traj: Trajectories, image_tokenizer, examples: Sequence[dict], config: ObjectJudgeConfig,
-                 progress: bool = True, chunk: int = 512) -> None:
+                 progress: bool = True, chunk: int = 512, perception_labeller=None) -> None:
         self.keys = sorted({(e["path"], e["step"]) for e in examples})
         self.index = {k: i for i, k in enumerate(self.keys)}
         parts = []
         for start in tqdm(range(0, len(self.keys), chunk), desc="judge features", disable=not progress):
             images = decode_steps(traj, image_tokenizer, self.keys[start : start + chunk])
-            parts.append(image_features(images, config))
-        self.features = {k: torch.cat([p[k] for p in parts]) for k in ("crops", "geometry", "object_mask")}
+            parts.append(image_features(images, config, perception_labeller))
+        self.features = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
 
     def get(self, rows: Sequence[int]) -> dict:
         return {k: v[list(rows)] for k, v in self.features.items()}
@@ -68,9 +68,7 @@ class ExampleDataset(torch.utils.data.Dataset):
         e = self.examples[i]
         row = self.bank.index[(e["path"], e["step"])]
         return {
-            "crops": self.bank.features["crops"][row],
-            "geometry": self.bank.features["geometry"][row],
-            "object_mask": self.bank.features["object_mask"][row],
+            **{k: v[row] for k, v in self.bank.features.items()},
             "words": self.words[e["path"]],
             "question": torch.tensor(QUESTION_IDS[e["question"]]),
             "progress": torch.tensor(e["step"] / self.num_steps, dtype=torch.float32),
@@ -91,9 +89,14 @@ def train_judge(
     warmup_steps: int = 100,
     seed: int = 0,
     progress: bool = True,
+    perception_labeller=None,
 ) -> tuple[ObjectJudge, dict]:
     """Train the object-centric judge on the ``train`` split of ``examples``; save it to
     ``out_dir``; return it and the held-out metrics of :func:`evaluate_judge`.
+
+    ``perception_labeller`` (the world's detector) supplies per-object shape / colour
+    targets of the training images (:class:`ObjectJudgeModel`); held-out examples are
+    scored without it, as at test time.
 
     Raises:
         ValueError: no training examples, or only one label.
@@ -111,7 +114,8 @@ def train_judge(
     model = ObjectJudgeModel(config)
     judge = ObjectJudge(model, text_tokenizer)
     words = judge.encode_prompts([p["prompt"] for p in traj.paths])
-    bank = FeatureBank(traj, image_tokenizer, examples, config, progress)
+    bank = FeatureBank(traj, image_tokenizer, train, config, progress, perception_labeller=perception_labeller)
+    held_bank = FeatureBank(traj, image_tokenizer, held, config, progress)
     args = training_arguments(out_dir, steps, batch_size, learning_rate, warmup_steps, 0.01, seed, progress)
     model.train()
     result = Trainer(model=model, args=args, train_dataset=ExampleDataset(train, bank, words, traj.num_steps)).train()
@@ -120,7 +124,7 @@ def train_judge(
     judge.save_pretrained(out_dir)
     metrics = {"train_examples": len(train), "heldout_examples": len(held), "train_loss": float(result.training_loss),
                "steps": steps, "parameters": int(sum(p.numel() for p in model.parameters()))}
-    metrics.update(evaluate_judge(judge, held, bank, words, traj.num_steps))
+    metrics.update(evaluate_judge(judge, held, held_bank, words, traj.num_steps))
     return judge, metrics
 
 
