@@ -338,3 +338,28 @@ def test_schemathesis_finds_no_server_error(server):
     _schemathesis(server, "--include-path-regex", "^/generate", "--phases", "examples,fuzzing",
                   "--max-examples", "15")
     _schemathesis(server, "--include-path-regex", "^/generate", "--phases", "coverage", "--mode", "negative")
+
+
+# -- the Bento ---------------------------------------------------------------------------------
+
+
+def test_bentoml_build_packs_the_promoted_model(promoted):
+    """`bentoml build` (what the `package` stage calls) makes a Bento of bentofile.yaml with
+    the promoted model, the cotgen package and params.yaml, into the test store."""
+    import yaml
+
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=dict(os.environ),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    name, version = tag.split(":")
+    bento = Path(os.environ["BENTOML_HOME"]) / "bentos" / name / version
+    info = yaml.safe_load((bento / "bento.yaml").read_text())
+    from cotgen.registry import promoted_model
+
+    assert [m["tag"] for m in info["models"]] == [str(promoted_model().tag)]
+    assert info["service"] == "cotgen.serve.service:Cotgen"
+    assert (bento / "src/cotgen/serve/service.py").is_file() and (bento / "src/params.yaml").is_file()
+    assert not (bento / "src/data").exists() and not (bento / "src/.venv").exists()
+    requirements = (bento / "env/python/requirements.txt").read_text()
+    assert "torch==2.13.0" in requirements and "download.pytorch.org/whl/cpu" in requirements
