@@ -322,22 +322,22 @@ def test_startup_without_promoted_model_says_how_to_make_one(tmp_path):
 # -- fuzzing -------------------------------------------------------------------------------
 
 
-def _schemathesis(url: str, *args: str) -> None:
+def _schemathesis(url: str, cwd: Path, *args: str) -> None:
     st = shutil.which("st", path=str(Path(sys.executable).parent)) or "st"
     cmd = [st, "run", f"{url}/docs.json", "--checks", "not_a_server_error", "--seed", "1", "--workers", "1",
            "--generation-database", "none", "--no-color", "--request-timeout", "60", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=cwd)  # its state files go there
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
 
 
-def test_schemathesis_finds_no_server_error(server):
+def test_schemathesis_finds_no_server_error(server, tmp_path):
     # cheap operations: every phase, 30 examples each
-    _schemathesis(server, "--exclude-path-regex", "^/generate", "--max-examples", "30")
+    _schemathesis(server, tmp_path, "--exclude-path-regex", "^/generate", "--max-examples", "30")
     # generation: every valid request runs a search, so fuzz with fewer examples and
     # walk the schema's boundaries with invalid values only
-    _schemathesis(server, "--include-path-regex", "^/generate", "--phases", "examples,fuzzing",
+    _schemathesis(server, tmp_path, "--include-path-regex", "^/generate", "--phases", "examples,fuzzing",
                   "--max-examples", "15")
-    _schemathesis(server, "--include-path-regex", "^/generate", "--phases", "coverage", "--mode", "negative")
+    _schemathesis(server, tmp_path, "--include-path-regex", "^/generate", "--phases", "coverage", "--mode", "negative")
 
 
 # -- the Bento ---------------------------------------------------------------------------------
