@@ -24,12 +24,15 @@ def geneval_data() -> Path:
 #: Stages of the main job in order (the tiny pipeline runs them all).
 ORDER = ["prompts", "detector", "render_ground_truth", "score_ground_truth", "validate_evaluator",
          "tokenizer", "tokenizer_check", "generator", "sample_baseline", "score_baseline",
-         "trajectories", "judge", "search_parm"]
+         "trajectories", "judge", "search_parm", "gate", "package"]
 #: Preference-alignment stages (cotgen/align), after the main job's in dvc.yaml; tiny_run
 #: leaves them out (tests/test_align.py runs them on a copy of its root).
 ALIGN_STAGES = [f"{s}{v}" for v in ("dpo", "dpo_iter", "parm_dpo", "parm_dpo_iter")
                 for s in ("pairs_", "", "sample_", "score_")]
 ORDER += ALIGN_STAGES
+#: Stages that touch the BentoML model store (promotion): tiny_run stops before them;
+#: tests/test_flows.py runs them through DVC and the retrain flow.
+STORE_STAGES = ("package",)
 
 
 @pytest.fixture(scope="session")
@@ -41,5 +44,6 @@ def tiny_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipeline")
     params = load_params(REPO / "params.yaml", "tiny")
-    metrics = {name: run_stage(name, params, root) for name in ORDER if name not in ALIGN_STAGES}
+    metrics = {name: run_stage(name, params, root) for name in ORDER
+               if name not in STORE_STAGES and name not in ALIGN_STAGES}
     return root, params, metrics

@@ -16,7 +16,7 @@ def test_dvc_stages_call_pipeline_functions():
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert set(STAGES) == set(ORDER)
-    assert {"prompts", "detector", "score_ground_truth", "validate_evaluator", "tokenizer"} <= set(stages) <= set(STAGES)
+    assert list(stages) == ORDER  # every stage of the main job, in an order DVC can run them
     for name, stage in stages.items():
         assert stage["cmd"] == f"cotgen stage {name}"
 

@@ -462,6 +462,26 @@ def stage_search_parm(params: dict, root: Path = Path(".")) -> dict:
     return run_search_eval(params, root, "parm", params["search"]["n"], "parm", k)
 
 
+def stage_gate(params: dict, root: Path = Path(".")) -> dict:
+    """The GenEval gate on ``metrics/geneval_parm.json`` (the verified generator) against
+    ``params["gate"]`` and the promoted model; writes ``metrics/gate.json`` with every
+    check. Records a failed verdict without raising (``package`` refuses it), so DVC
+    caches the verdict; see :mod:`cotgen.pipeline.package`."""
+    from cotgen.pipeline.package import run_gate
+
+    return run_gate(params, root)
+
+
+def stage_package(params: dict, root: Path = Path(".")) -> dict:
+    """If the gate passed: save the verified generator as a candidate, promote it and
+    build the Bento (when ``bentofile.yaml`` exists); writes ``data/registry.json`` and
+    ``metrics/package.json``. Raises :class:`cotgen.pipeline.gate.GateFailedError`
+    naming the failed thresholds otherwise."""
+    from cotgen.pipeline.package import run_package
+
+    return run_package(params, root)
+
+
 # --------------------------------------------------------------- preference alignment (DPO)
 
 
@@ -594,6 +614,8 @@ STAGES = {
     "trajectories": stage_trajectories,
     "judge": stage_judge,
     "search_parm": stage_search_parm,
+    "gate": stage_gate,
+    "package": stage_package,
 }
 
 for _v in ALIGN_VARIANTS:
