@@ -339,7 +339,14 @@ def stage(
 
     if name not in STAGES:
         _fail(f"unknown stage {name!r}; known: {', '.join(STAGES)}")
-    metrics = run_stage(name, _load_params(params, profile))
+    from rich.markup import escape
+
+    from cotgen.pipeline.gate import GateFailedError
+
+    try:
+        metrics = run_stage(name, _load_params(params, profile))
+    except GateFailedError as e:  # the package stage refuses a failed gate: say which thresholds
+        _fail(escape(str(e)), code=1)
     if metrics:
         print(json.dumps(metrics, indent=2))
 
