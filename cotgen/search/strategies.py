@@ -140,7 +140,8 @@ def search(
     """Run one strategy for a batch of prompts (``sampling.n`` candidate paths each).
 
     Args:
-        generator: a Generator (e.g. :class:`~cotgen.generator.model.ShapesGenerator`).
+        generator: a Generator (e.g. :class:`~cotgen.generator.model.ShapesGenerator`, or one with a
+            ``stepwise_sampler(prompts, config)`` method such as :class:`cotgen.real.janus.JanusGenerator`).
         judge: the reward model (None only for ``sample``).
         prompts: P prompts.
         sampling: sampling knobs; ``n`` is N (``sample`` uses candidate 0 only).
@@ -157,7 +158,9 @@ def search(
     n = 1 if config.strategy == "sample" else sampling.n
     cfg = SamplingConfig(**{**asdict(sampling), "n": n})
     start = time.perf_counter()
-    sampler = StepwiseSampler(generator, prompts, cfg)
+    # a generator may bring its own step-wise sampler (the real-model adapters, cotgen/real)
+    make = getattr(generator, "stepwise_sampler", None)
+    sampler = make(prompts, cfg) if make is not None else StepwiseSampler(generator, prompts, cfg)
     ask = _asker(judge)
     traces = [PathTrace(p.candidate) for p in sampler.paths]
     steps: dict[int, list[Image.Image]] = {p.id: [] for p in sampler.paths}

@@ -1,0 +1,179 @@
+"""Which world cotgen runs in, and loading the real models (issue 9).
+
+``params.yaml``'s ``real:`` section selects the world (``real.world``: ``shapes``, the
+embedded GenEval-Shapes world, or ``coco``, real GenEval with real models) and names the
+real models, each by a local folder or a Hugging Face hub id (``source``). The section is
+top-level so that switching worlds does not change the ``world:`` parameters the shapes
+stages of ``dvc.yaml`` track.
+
+Loading is offline-aware: a local folder is used as it is; a hub id is looked up in the
+Hugging Face cache first (``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1`` forbid any
+download); a model that cannot be found raises :class:`MissingModelError`, which names
+what to fetch and where to put it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORLDS = ("shapes", "coco")
+
+#: the paper's real-world models (README "GPU users / real models")
+DEFAULT_REAL = {
+    "world": "shapes",
+    "models_dir": "models",
+    "geneval_dir": "../shared/data/geneval",
+    "device": "cuda",
+    "dtype": "bfloat16",
+    "generator": {"kind": "janus", "source": "deepseek-community/Janus-Pro-7B", "cfg_scale": 4.0,
+                  "temperature": 1.0, "top_k": 0, "tokens_per_step": 72},
+    "judge": {"kind": "llava_onevision", "source": "llava-hf/llava-onevision-qwen2-7b-ov-hf"},
+    "detector": {"mask2former": "facebook/mask2former-swin-small-coco-instance",
+                 "clip": "openai/clip-vit-large-patch14"},
+}
+
+
+class MissingModelError(FileNotFoundError):
+    """A real model is neither a local folder nor in the Hugging Face cache (or may not be
+    downloaded); the message says what to fetch and where to put it."""
+
+
+@dataclass
+class RealConfig:
+    """``params.yaml`` ``real:`` with defaults (:data:`DEFAULT_REAL`)."""
+
+    world: str = "shapes"
+    models_dir: str = "models"
+    geneval_dir: str = "../shared/data/geneval"
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    generator: dict = field(default_factory=lambda: dict(DEFAULT_REAL["generator"]))
+    judge: dict = field(default_factory=lambda: dict(DEFAULT_REAL["judge"]))
+    detector: dict = field(default_factory=lambda: dict(DEFAULT_REAL["detector"]))
+
+    @classmethod
+    def from_params(cls, params: dict) -> RealConfig:
+        """From a loaded ``params.yaml`` (its ``real:`` section; absent = the shapes world).
+
+        Raises:
+            ValueError: unknown world or keys.
+        """
+        section = dict(params.get("real") or {})
+        unknown = set(section) - set(DEFAULT_REAL)
+        if unknown:
+            raise ValueError(f"params real: unknown keys {sorted(unknown)}; known: {sorted(DEFAULT_REAL)}")
+        merged = {k: ({**DEFAULT_REAL[k], **section.get(k, {})} if isinstance(DEFAULT_REAL[k], dict)
+                      else section.get(k, DEFAULT_REAL[k])) for k in DEFAULT_REAL}
+        if merged["world"] not in WORLDS:
+            raise ValueError(f"params real.world must be one of {list(WORLDS)}, got {merged['world']!r}")
+        return cls(**merged)
+
+    @property
+    def is_real(self) -> bool:
+        return self.world == "coco"
+
+
+def offline() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` forbid downloads."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _fetch_hint(source: str, models_dir: str | Path, what: str) -> str:
+    local = Path(models_dir) / source.split("/")[-1]
+    return (f"{what} {source!r} is not available locally. Fetch it on a machine with internet access:\n"
+            f"  huggingface-cli download {source} --local-dir {local}\n"
+            f"then set its `source:` in params.yaml `real:` to that folder ({local}), or copy the Hugging Face "
+            f"cache (~/.cache/huggingface/hub, or $HF_HOME) to this machine and keep HF_HUB_OFFLINE=1.")
+
+
+def resolve_model(source: str, what: str = "model", models_dir: str | Path = "models",
+                  allow_download: bool | None = None) -> str:
+    """A loadable location for ``source``: a local folder (must hold ``config.json``), a
+    folder under ``models_dir`` named like the hub id's last part, or the hub id itself
+    when it is in the Hugging Face cache (or downloads are allowed).
+
+    ``allow_download`` defaults to "not offline" (:func:`offline`) and is only used for
+    hub ids that are not cached.
+
+    Raises:
+        MissingModelError: none of those holds the model (names what to fetch, where to
+            put it).
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MissingModelError(f"{what} folder {path} has no config.json (is it a complete "
+                                    f"save_pretrained / huggingface-cli download folder?)")
+        return str(path)
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise MissingModelError(f"{what} folder {source} does not exist; point params.yaml `real:` at a folder "
+                                f"holding the model (config.json + safetensors) or at a hub id")
+    local = Path(models_dir) / source.split("/")[-1]
+    if (local / "config.json").is_file():
+        return str(local)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json")
+    except Exception:  # noqa: BLE001 - a malformed id or cache counts as not cached
+        cached = None
+    if isinstance(cached, str):
+        return source
+    if allow_download is None:
+        allow_download = not offline()
+    if allow_download:
+        return source
+    raise MissingModelError(_fetch_hint(source, models_dir, what))
+
+
+def load_janus(cfg: RealConfig, allow_download: bool | None = None):
+    """The Janus-Pro generator of ``cfg`` (:class:`cotgen.real.janus.JanusGenerator`)."""
+    import torch
+
+    from cotgen.real.janus import JanusGenerator
+
+    spec = cfg.generator
+    if spec.get("kind", "janus") != "janus":
+        raise ValueError(f"unknown generator kind {spec.get('kind')!r}; cotgen's real generator is 'janus'")
+    where = resolve_model(spec["source"], "Janus-Pro generator", cfg.models_dir, allow_download)
+    return JanusGenerator.from_pretrained(where, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+
+
+def load_judge(cfg: RealConfig, allow_download: bool | None = None):
+    """The VLM judge of ``cfg`` (:class:`cotgen.real.judge.PretrainedVLMJudge`)."""
+    import torch
+
+    from cotgen.real.judge import load_vlm_judge
+
+    spec = cfg.judge
+    where = resolve_model(spec["source"], f"{spec['kind']} judge", cfg.models_dir, allow_download)
+    return load_vlm_judge(spec["kind"], where, dtype=getattr(torch, cfg.dtype), device=cfg.device)
+
+
+def load_detector(cfg: RealConfig, allow_download: bool | None = None):
+    """The GenEval detector of ``cfg`` (:class:`cotgen.real.detector.Mask2FormerClipDetector`)."""
+    from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2FormerForUniversalSegmentation
+
+    from cotgen.real.detector import ClipColorClassifier, Mask2FormerClipDetector, geneval_object_names
+
+    m2f = resolve_model(cfg.detector["mask2former"], "Mask2Former (Swin-S COCO instance) detector", cfg.models_dir,
+                        allow_download)
+    clip = resolve_model(cfg.detector["clip"], "CLIP ViT-L/14 colour classifier", cfg.models_dir, allow_download)
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(m2f).to(cfg.device)
+    clip_model = CLIPModel.from_pretrained(clip).to(cfg.device)
+    names = geneval_object_names(Path(cfg.geneval_dir) / "object_names.txt")
+    return Mask2FormerClipDetector(model, AutoImageProcessor.from_pretrained(m2f),
+                                   ClipColorClassifier(clip_model, AutoProcessor.from_pretrained(clip)),
+                                   object_names=names)
+
+
+def sampling_config(cfg: RealConfig, n: int = 1, seed: int = 0):
+    """The real generator's :class:`~cotgen.generator.sampling.SamplingConfig`."""
+    from cotgen.generator.sampling import SamplingConfig
+
+    g = cfg.generator
+    return SamplingConfig(n=n, cfg_scale=g["cfg_scale"], temperature=g["temperature"], top_k=g["top_k"], seed=seed,
+                          tokens_per_step=g["tokens_per_step"])
