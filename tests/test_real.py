@@ -27,10 +27,17 @@ def sampling(n=4, seed=0, cfg_scale=2.0):
     return SamplingConfig(n=n, cfg_scale=cfg_scale, seed=seed, tokens_per_step=STEP)
 
 
+@pytest.fixture(scope="module")
+def full_run(janus):
+    """Both prompts, 2 paths each, CFG, run to the end."""
+    sampler = janus.stepwise_sampler(PROMPTS, sampling(n=2))
+    sampler.run()
+    return sampler
+
+
 # ---------------------------------------------------------------------------- Janus
-def test_janus_prompt_in_batch_gives_what_it_gives_alone(janus):
-    batch = janus.stepwise_sampler(PROMPTS, sampling(n=2))
-    batch.run()
+def test_janus_prompt_in_batch_gives_what_it_gives_alone(janus, full_run):
+    batch = full_run
     alone = janus.stepwise_sampler(PROMPTS[1:], sampling(n=2))
     alone.run()
     assert [p.tokens for p in batch.paths if p.prompt_index == 1] == [p.tokens for p in alone.paths]
@@ -42,13 +49,13 @@ def test_janus_prompt_in_batch_gives_what_it_gives_alone(janus):
 
 
 @torch.no_grad()
-def test_janus_kv_cache_matches_recompute_and_drop_frees_rows(janus):
-    s = janus.stepwise_sampler(PROMPTS, sampling(n=2, cfg_scale=0.0))
+def test_janus_kv_cache_matches_recompute_and_drop_frees_rows(janus, full_run):
+    s = janus.stepwise_sampler(PROMPTS, sampling(n=1, cfg_scale=0.0))
     s.run()
     codes = torch.tensor([p.tokens for p in s.paths])
     # the sampler's cached logits give the same log-probabilities as one full forward
     full = janus.image_logprobs([PROMPTS[p.prompt_index] for p in s.paths], codes)
-    step = janus.stepwise_sampler(PROMPTS, sampling(n=2, cfg_scale=0.0))
+    step = janus.stepwise_sampler(PROMPTS, sampling(n=1, cfg_scale=0.0))
     total = torch.zeros(len(step.paths))
     for t in range(janus.num_image_tokens):
         logp = torch.log_softmax(step._next_logits.float().cpu(), -1)
@@ -67,8 +74,7 @@ def test_janus_kv_cache_matches_recompute_and_drop_frees_rows(janus):
     d.drop([0, 3])
     assert d.batch_rows == 4 and d._cache.layers[0].keys.shape[0] == 4
     d.run()
-    ref = janus.stepwise_sampler(PROMPTS, sampling(n=2))
-    ref.run()
+    ref = full_run
     assert d.paths[1].tokens == ref.paths[1].tokens and d.paths[2].tokens == ref.paths[2].tokens
     assert [len(p.tokens) for p in d.paths] == [STEP, 64, 64, STEP]
     assert d.paths[0].forward_passes < d.paths[1].forward_passes
