@@ -328,6 +328,37 @@ def validate_data(
     print(json.dumps(summary, indent=2))
 
 
+@app.command("train-vlm-judge")
+def train_vlm_judge_cmd(
+    out: Path = typer.Option(Path("data/vlm_judge"), "--out", help="output folder"),
+    metrics: Path = typer.Option(Path("metrics/vlm_judge.json"), "--metrics", help="metrics JSON"),
+    trajectories: Path = typer.Option(Path("data/reward/trajectories"), "--trajectories"),
+    tokenizer: Path = typer.Option(Path("data/tokenizer"), "--tokenizer"),
+    minutes: float = typer.Option(10.0, "--minutes", help="wall-clock training budget"),
+    hidden_size: int = typer.Option(96, "--hidden-size"),
+    patch_size: int = typer.Option(8, "--patch-size", help="pixels per side of a vision patch"),
+    layers: int = typer.Option(2, "--layers", help="layers of each tower"),
+    learning_rate: float = typer.Option(3e-4, "--lr"),
+    warmup_steps: int = typer.Option(200, "--warmup-steps"),
+    batch_size: int = typer.Option(32, "--batch-size"),
+) -> None:
+    """Train a LLaVA-architecture judge from scratch on the outcome question and report
+    its held-out AUROC (the VLM route of issue 4, next to the object-centric judge)."""
+    from cotgen.geneval.report import write_summary
+    from cotgen.reward.data import Trajectories
+    from cotgen.reward.vlm_judge import train_vlm_judge
+    from cotgen.tokenizer.vq import VQTokenizer
+
+    traj = Trajectories.load(trajectories)
+    image_tokenizer = VQTokenizer.from_pretrained(tokenizer)
+    image_tokenizer.eval()
+    _, result = train_vlm_judge(traj, image_tokenizer, out, hidden_size=hidden_size, patch_size=patch_size,
+                                vision_layers=layers, text_layers=layers, steps=1_000_000, batch_size=batch_size,
+                                learning_rate=learning_rate, warmup_steps=warmup_steps, max_seconds=60 * minutes)
+    write_summary(metrics, result)
+    console.print(json.dumps(result, indent=2))
+
+
 @app.command("stage")
 def stage(
     name: str = typer.Argument(..., help="pipeline stage (see dvc.yaml)"),

@@ -87,3 +87,20 @@ def test_evaluate_search_cli(tiny_run, monkeypatch):
     assert (root / "plots/geneval_vs_n.png").is_file() and (root / "plots/geneval_vs_tokens.png").is_file()
     bad = CliRunner().invoke(app, ["evaluate-search", "beam"])
     assert bad.exit_code == 2 and "unknown strategy 'beam'" in bad.output
+
+
+def test_train_vlm_judge_cli(tiny_run, monkeypatch):
+    from typer.testing import CliRunner
+
+    from cotgen.cli import app
+
+    root, _, _ = tiny_run
+    monkeypatch.chdir(root)
+    args = ["train-vlm-judge", "--out", "vlm", "--metrics", "vlm.json", "--minutes", "0.02", "--hidden-size", "16",
+            "--patch-size", "16", "--layers", "1", "--warmup-steps", "0", "--batch-size", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "vlm.json").read_text())
+    assert metrics["steps"] >= 1 and metrics["outcome"]["n"] == sum(
+        p["split"] == "heldout" for p in map(json.loads, (root / PATHS["trajectories"] / "paths.jsonl").read_text().splitlines()))
+    assert (root / "vlm" / "judge").is_dir()

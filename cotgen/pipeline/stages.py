@@ -282,7 +282,9 @@ def stage_score_baseline(params: dict, root: Path = Path(".")) -> dict:
 
 
 def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
-    """Sample and label trajectories of training prompts for the reward models; writes
+    """Sample and label trajectories of training prompts for the reward models, plus
+    (``render_prompts`` > 0) rendered scenes and near misses of other training prompts
+    (:func:`cotgen.reward.data.render_trajectories`, training split only); writes
     ``data/reward/trajectories`` and ``metrics/reward_data.json``."""
     from cotgen.generator.model import ShapesGenerator
     from cotgen.reward.data import data_summary, sample_trajectories
@@ -301,6 +303,16 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
         prm_steps=t["prm_steps"], prm_rollouts=t["prm_rollouts"], prm_paths_per_prompt=t["prm_paths_per_prompt"],
         batch_prompts=t["batch_prompts"], seed=t["seed"],
     )
+    if t.get("render_prompts", 0) > 0:  # renderer scenes and near misses of other training prompts
+        from cotgen.reward.data import concat_trajectories, render_trajectories
+        from cotgen.world.render import STYLES
+
+        held = {p["prompt"] for p in traj.paths if p["split"] == "heldout"}
+        others = balanced_prompts([m for m in train if m["prompt"] not in held], t["render_prompts"], t["seed"] + 1)
+        rendered = render_trajectories(generator.image_tokenizer, detector, others, t["render_near_misses"],
+                                       traj.tokens_per_step, STYLES[params["generator"]["scene_style"]],
+                                       seed=t["seed"] + 1)
+        traj = concat_trajectories(traj, rendered)
     final = root / PATHS["trajectories"]
     tmp = _tmp_dir(final)
     traj.save(tmp)
@@ -343,9 +355,15 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
                               seed=j["seed"])
     final = root / PATHS["judge"]
     tmp = _tmp_dir(final)
+    labeller = None
+    if j.get("perception_targets", False):  # the evaluator's per-object perception, training images only
+        from cotgen.world.detector import ShapesDetector
+
+        labeller = ShapesDetector.from_pretrained(root / PATHS["detector"])
     _, metrics = train_judge(
         tmp, traj, examples, image_tokenizer, text, model_size=j["model"], steps=j["steps"],
         batch_size=j["batch_size"], learning_rate=j["learning_rate"], warmup_steps=j["warmup_steps"], seed=j["seed"],
+        perception_labeller=labeller,
     )
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     _replace_dir(tmp, final)
