@@ -107,9 +107,16 @@ def _promoted_present(work: Path) -> str | None:
         return None
 
 
+def _is_align_stage(name: str) -> bool:
+    """A stage of a DPO variant (cotgen.pipeline.stages.ALIGN_VARIANTS)."""
+    from cotgen.pipeline.stages import ALIGN_VARIANTS
+
+    return any(name in (f"pairs_{v}", v, f"sample_{v}", f"score_{v}") for v in ALIGN_VARIANTS)
+
+
 @flow(name="cotgen-retrain", log_prints=True)
 def retrain(root: str = ".", profile: str | None = None, workdir: str | None = None, push_outputs: bool = True,
-            remote: str | None = None, only: list[str] | None = None) -> dict:
+            remote: str | None = None, only: list[str] | None = None, align: bool = False) -> dict:
     """Retrain, evaluate, gate and promote.
 
     Args:
@@ -119,9 +126,12 @@ def retrain(root: str = ".", profile: str | None = None, workdir: str | None = N
         workdir: the working copy for ``profile`` (default ``<root>/runs/<profile>``).
         push_outputs: ``dvc push`` the outputs (gate failure included).
         remote: DVC remote name, path or URL (None = the default remote of ``.dvc/config``).
-        only: run only these stages and what they depend on (e.g. ``["search_parm"]``:
-            the verified generator's path without the DPO stages); None = all of ``dvc.yaml``.
-            The gate and package stages always run.
+        only: run only these stages and what they depend on (e.g. ``["search_parm"]``);
+            None = every stage of ``dvc.yaml`` but the DPO variants' (all of them with
+            ``align``). The gate and package stages always run.
+        align: also run the DPO variants (issue 7: ``pairs_<v>``, ``<v>``, ``sample_<v>``,
+            ``score_<v>``); they are not needed by the gate and take about 10 minutes each
+            on the default profile.
     Returns:
         ``{"workdir", "stages": [...], "gate": {...}, "promoted": tag, "geneval": overall}``.
     Raises:
@@ -132,7 +142,8 @@ def retrain(root: str = ".", profile: str | None = None, workdir: str | None = N
     logger = get_run_logger()
     work = prepare_workdir(Path(root), profile, Path(workdir) if workdir else None) if profile else Path(root).resolve()
     logger.info(f"cotgen retrain in {work} (profile {profile or 'default'})")
-    wanted = set(upstream(work, [*(only or pipeline_stages(work)), *FINAL_STAGES]))
+    targets = only or [s for s in pipeline_stages(work) if align or not _is_align_stage(s)]
+    wanted = set(upstream(work, [*targets, *FINAL_STAGES]))
     names = [s for s in pipeline_stages(work) if s in wanted and s not in FINAL_STAGES]
     stale = set(stale_stages(work, logger.info))
     total = len(names) + len(FINAL_STAGES)
@@ -174,12 +185,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-push", action="store_true", help="do not `dvc push`")
     ap.add_argument("--remote", default=None, help="DVC remote name, path or URL (default: .dvc/config's)")
     ap.add_argument("--only", nargs="+", help="only these stages and their upstream (then gate and package)")
+    ap.add_argument("--align", action="store_true", help="also run the DPO variants (issue 7)")
     ap.add_argument("--serve", action="store_true", help="serve a scheduled deployment instead of running once")
     ap.add_argument("--cron", default="0 3 * * *", help="schedule of --serve (default: 03:00 daily)")
     ap.add_argument("--name", default="cotgen-retrain-nightly", help="deployment name of --serve")
     a = ap.parse_args(argv)
     params = {"root": str(Path(a.root).resolve()), "profile": a.profile, "workdir": a.workdir,
-              "push_outputs": not a.no_push, "remote": a.remote, "only": a.only}
+              "push_outputs": not a.no_push, "remote": a.remote, "only": a.only,
+              "align": a.align}
     if a.serve:
         retrain.serve(name=a.name, cron=a.cron, parameters=params, tags=["cotgen", "retrain"])
         return
