@@ -176,6 +176,8 @@ def _sampling_config(n: int, cfg_scale: float, temperature: float, top_k: int, s
 
 
 DEFAULT_JUDGE = Path("data/judge")
+DEFAULT_CORRECTOR = Path("data/reflect/corrector")
+DEFAULT_REFLECTIVE_JUDGE = Path("data/reflect/judge")
 
 
 @app.command("generate")
@@ -183,7 +185,8 @@ def generate(
     prompt: str = typer.Argument(..., help='e.g. "a photo of a red circle left of a blue square"'),
     n: int = typer.Option(4, "-n", min=1, help="candidate paths"),
     out: Path = typer.Option(Path("outputs/generate"), "--out"),
-    strategy: str = typer.Option("sample", "--strategy", help="sample (N plain candidates), best_of_n, prm, parm"),
+    strategy: str = typer.Option("sample", "--strategy",
+                                 help="sample (N plain candidates), best_of_n, prm, parm, parm_pp (PARM++)"),
     save_steps: bool = typer.Option(False, "--save-steps", help="also save every intermediate image"),
     generator: Path = typer.Option(DEFAULT_GENERATOR, "--generator"),
     judge: Path = typer.Option(DEFAULT_JUDGE, "--judge", help="reward model (strategies other than sample)"),
@@ -191,9 +194,14 @@ def generate(
     temperature: float = typer.Option(1.0, min=1e-3),
     top_k: int = typer.Option(0, min=0),
     seed: int = typer.Option(0),
+    corrector: Path = typer.Option(DEFAULT_CORRECTOR, "--corrector", help="parm_pp: self-correction generator"),
+    max_rounds: int = typer.Option(3, "--max-rounds", min=1, help="parm_pp: most generation rounds"),
 ) -> None:
     """Generate N candidates for one prompt; writes PNGs, a grid (candidates x steps; cut
-    paths end where they were cut, the chosen one is starred) and, for a search, trace.json."""
+    paths end where they were cut, the chosen one is starred) and, for a search, trace.json.
+    parm_pp (``--judge`` a reflective judge, ``--corrector``): the grid has every round's
+    candidates (rows ``r<round>``), ``round<k>.png`` each round's chosen image, and the
+    reflections are printed and in trace.json."""
     from cotgen.generator.grid import image_grid
     from cotgen.generator.sampling import StepwiseSampler
     from cotgen.search import STRATEGIES, SearchConfig, search
@@ -215,6 +223,34 @@ def generate(
         rows = [[col[j] for col in columns] for j in range(n)]
         labels = [f"cand {j}" for j in range(n)]
         finals = columns[-1]
+    elif strategy == "parm_pp":
+        from cotgen.reflect.corrector import SelfCorrector
+        from cotgen.reflect.judge import ReflectiveJudge
+
+        judge = DEFAULT_REFLECTIVE_JUDGE if judge == DEFAULT_JUDGE else judge
+        try:
+            reward = ReflectiveJudge.from_pretrained(judge)
+            fixer = SelfCorrector.from_pretrained(corrector)
+            result = search(gen, reward, [prompt], config, SearchConfig(strategy, max_rounds=max_rounds),
+                            keep_steps=True, corrector=fixer)[0]
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e))
+        rows, labels, finals = [], [], []
+        for rd in result.rounds:
+            verdict = "yes" if rd["accepted"] else "no"
+            console.print(f"round {rd['round']}: score {rd['score']:.2f} ({verdict})"
+                          + (f", conditioned on: {rd['condition_reflection']!r}" if rd["condition_reflection"] else "")
+                          + (f"; reflection: {rd['reflection']!r}" if rd["reflection"] else ""))
+            rd["image"].save(out / f"round{rd['round']}.png")
+            for t in rd["paths"]:
+                mark = "*" if t.candidate == rd["chosen"] else " "
+                where = f"x{t.cut_at_step}" if t.cut_at_step is not None else (
+                    f"{t.outcome:.2f}" if t.outcome is not None else "")
+                rows.append(rd["steps"][t.candidate])
+                labels.append(f"r{rd['round']}{mark}{t.candidate} {where}")
+                finals.append(rd["steps"][t.candidate][-1] if t.cut_at_step is None and rd["round"] == result.rounds[-1]["round"] else None)
+        result.image.save(out / "chosen.png")
+        (out / "trace.json").write_text(json.dumps(result.trace(), indent=2) + "\n")
     else:
         from cotgen.reward.object_judge import ObjectJudge
 
@@ -241,7 +277,8 @@ def generate(
                 im.save(out / f"{j:04d}_step{s + 1:02d}.png")
     steps = max(len(r) for r in rows)
     image_grid(rows, row_labels=labels, col_labels=[f"s{s + 1}" for s in range(steps)]).save(out / "grid.png")
-    console.print(f"{strategy}: {n} candidates, grid.png -> {out}")
+    console.print(f"{strategy}: {n} candidates" + (f", {len(result.rounds)} round(s)" if strategy == "parm_pp" else "")
+                  + f", grid.png -> {out}")
 
 
 @app.command("sample")

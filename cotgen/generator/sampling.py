@@ -104,6 +104,12 @@ class StepwiseSampler:
             from (roll-outs from a step, Math-Shepherd style); ``L`` must be a multiple
             of the step size. Sampling then starts at step ``L / tokens_per_step``;
             the prefix counts in ``Path.tokens`` but not in ``image_tokens``.
+        condition: optional ``(P, C)`` long token ids (the model's own ids) placed
+            between each prompt's block and ``<boi>``: the layout becomes ``[prompt
+            block][condition][<boi>][image]`` (PARM++'s self-correction generator reads
+            a reflection and the previous image there, :mod:`cotgen.reflect.corrector`).
+        null_condition: the condition of the unconditional (CFG) rows, ``(P, C)``;
+            default: ``condition`` itself (guidance then contrasts the prompt only).
     Raises:
         ValueError: a bad knob, prompt or prefix (named).
     """
@@ -114,6 +120,8 @@ class StepwiseSampler:
         prompts: Sequence[str],
         config: SamplingConfig,
         prefix_tokens: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
+        null_condition: torch.Tensor | None = None,
     ) -> None:
         self.g = generator
         self.prompts = list(prompts)
@@ -144,9 +152,16 @@ class StepwiseSampler:
             for path in self.paths
         }
         self._rows = [path.id for path in self.paths]  # batch row -> path id (cond half)
+        null = generator.null_prompts(len(prompts))
+        if condition is not None:
+            condition = torch.as_tensor(condition, dtype=torch.long).reshape(len(prompts), -1)
+            null_condition = condition if null_condition is None else torch.as_tensor(null_condition, dtype=torch.long)
+            if null_condition.shape != condition.shape:
+                raise ValueError(f"null_condition {tuple(null_condition.shape)} must match condition {tuple(condition.shape)}")
+            blocks, null = torch.cat([blocks, condition], 1), torch.cat([null, null_condition], 1)
         prefix = torch.cat([generator.prefix(blocks), start + generator.text_vocab], dim=1)
         if self.cfg:
-            null = generator.prefix(generator.null_prompts(len(prompts)))
+            null = generator.prefix(null)
             prefix = torch.cat([prefix, torch.cat([null, start + generator.text_vocab], dim=1)])
         self._cache = DynamicCache()
         with torch.no_grad():

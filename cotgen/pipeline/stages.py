@@ -618,6 +618,25 @@ def stage_score_variant(params: dict, root: Path = Path("."), variant: str = "dp
     return score_eval_folder(root, f"{variant}_samples", variant, f"GenEval-Shapes, {variant} (plain sampling)")
 
 
+# --------------------------------------------------------------- PARM++ (reflect/dvc.yaml, on demand)
+
+#: PARM++ stages (cotgen/reflect/stages.py): reflection data, the judge's reflection
+#: head, the self-correction generator, the Table-5 analogue (and its rows, ``table5_<row>``).
+REFLECT_STAGES = ("reflect_data", "reflect_judge", "corrector", "reflect_table")
+
+
+def _reflect_stage(name: str, row: str | None = None):
+    def run(params: dict, root: Path = Path(".")) -> dict:
+        from cotgen.reflect import stages as reflect
+
+        if row is not None:
+            return reflect.run_table5_row(params, Path(root), row)
+        return getattr(reflect, f"stage_{name}")(params, Path(root))
+
+    run.__doc__ = f"PARM++ stage {name} (see cotgen.reflect.stages)."
+    return run
+
+
 STAGES = {
     "prompts": stage_prompts,
     "detector": stage_detector,
@@ -640,6 +659,12 @@ for _v in ALIGN_VARIANTS:
     STAGES.update({f"pairs_{_v}": partial(stage_pairs, variant=_v), _v: partial(stage_dpo, variant=_v),
                    f"sample_{_v}": partial(stage_sample_baseline, generator_key=f"{_v}_generator", name=_v),
                    f"score_{_v}": partial(stage_score_variant, variant=_v)})
+
+
+STAGES.update({name: _reflect_stage(name) for name in REFLECT_STAGES})
+STAGES.update({f"table5_{row}": _reflect_stage("table5", row) for row in
+               ("parm_pp_corrector_sample", "parm_pp_corrector_orm", "parm_pp_corrector_parm", "parm_pp_noreflect",
+                "parm_pp")})
 
 
 def run_stage(name: str, params: dict, root: Path = Path(".")) -> dict:

@@ -1,4 +1,4 @@
-"""Test-time search strategies: sample, best-of-N, step-level PRM, PARM."""
+"""Test-time search strategies: sample, best-of-N, step-level PRM, PARM, PARM++."""
 
 from cotgen.search.strategies import STRATEGIES, PathTrace, SearchConfig, SearchResult, search
 

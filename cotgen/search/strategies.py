@@ -12,6 +12,15 @@
   P(yes) < ``potential_threshold``. Survivors finish; best-of-N' picks the final image by
   the outcome score. If a prompt would lose its last path, the path with the lowest
   P(no) (highest potential) among those being cut is kept and finished instead.
+- ``parm_pp`` (PARM++, paper section 5): a PARM search, then the judge's outcome score
+  decides; if it says no (P(yes) < ``accept_threshold``), the judge *reflects* (says
+  what is wrong) and the self-correction generator (``corrector``,
+  :mod:`cotgen.reflect.corrector`) regenerates, conditioned on the prompt, the previous
+  image and the reflection, with PARM search again; at most ``max_rounds`` rounds in
+  all (the first one included). The final image is the last round's. With
+  ``reflection=False`` it regenerates from the previous image with an empty reflection
+  (the ablation "PARM++ without reflection"). The result's ``rounds`` keep every
+  round's image, score, reflection and trace.
 
 Every result carries a trace per path (step at which it became clear, potential
 verdict, scores, where it was cut, tokens, forward passes) and the compute spent
@@ -25,12 +34,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 
 from cotgen.generator.sampling import SamplingConfig, StepwiseSampler
 from cotgen.reward.judge import Judge
 
-STRATEGIES = ("sample", "best_of_n", "prm", "parm")
+STRATEGIES = ("sample", "best_of_n", "prm", "parm", "parm_pp")
 
 
 @dataclass
@@ -73,6 +83,12 @@ class SearchResult:
             (the batch's wall time shared equally among its prompts).
         steps: optional intermediate images per candidate (candidate -> list of images,
             one per step it lived), when ``keep_steps`` was asked.
+        tokens: the chosen image's codes (raster order).
+        rounds: ``parm_pp`` only: one dict per round: ``round`` (1-based), ``image``
+            (chosen), ``tokens``, ``score`` (outcome P(yes)), ``accepted``,
+            ``reflection`` (the judge's, None when accepted), ``condition_reflection``
+            (the text the round was conditioned on; None in round 1), ``chosen``,
+            ``paths`` (:class:`PathTrace` s), ``compute``, ``steps`` (with ``keep_steps``).
     """
 
     prompt: str
@@ -84,10 +100,12 @@ class SearchResult:
     paths: list[PathTrace]
     compute: dict
     steps: dict[int, list[Image.Image]] | None = None
+    tokens: list[int] | None = None
+    rounds: list[dict] | None = None
 
     def trace(self) -> dict:
         """JSON-ready trace (no images)."""
-        return {
+        out = {
             "prompt": self.prompt,
             "strategy": self.strategy,
             "n": self.n,
@@ -96,6 +114,10 @@ class SearchResult:
             "paths": [asdict(p) for p in self.paths],
             "compute": self.compute,
         }
+        if self.rounds is not None:
+            out["rounds"] = [{k: ([asdict(p) for p in v] if k == "paths" else v) for k, v in r.items()
+                              if k not in ("image", "steps", "tokens")} for r in self.rounds]
+        return out
 
 
 @dataclass
@@ -106,18 +128,27 @@ class SearchConfig:
         strategy: one of :data:`STRATEGIES`.
         clarity_threshold, potential_threshold: P(yes) at or above which a path is
             clear / has potential (parm).
+        max_rounds: most generation rounds of ``parm_pp``, the first included (>= 1).
+        accept_threshold: outcome P(yes) at or above which ``parm_pp`` accepts a round.
+        reflection: ``parm_pp`` regenerates conditioned on the reflection (False: on
+            the previous image only, an empty reflection).
     """
 
     strategy: str = "parm"
     clarity_threshold: float = 0.5
     potential_threshold: float = 0.5
+    max_rounds: int = 3
+    accept_threshold: float = 0.5
+    reflection: bool = True
 
     def check(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; expected one of {list(STRATEGIES)}")
-        for name in ("clarity_threshold", "potential_threshold"):
+        for name in ("clarity_threshold", "potential_threshold", "accept_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must lie in [0, 1]")
+        if self.max_rounds < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
 
 
 def _asker(judge: Judge | None):
@@ -136,6 +167,9 @@ def search(
     sampling: SamplingConfig,
     config: SearchConfig = SearchConfig(),
     keep_steps: bool = False,
+    corrector=None,
+    condition=None,
+    null_condition=None,
 ) -> list[SearchResult]:
     """Run one strategy for a batch of prompts (``sampling.n`` candidate paths each).
 
@@ -147,6 +181,13 @@ def search(
         sampling: sampling knobs; ``n`` is N (``sample`` uses candidate 0 only).
         config: the strategy and its thresholds.
         keep_steps: keep every path's intermediate image after each step (for grids).
+        corrector: ``parm_pp``'s self-correction generator
+            (:class:`cotgen.reflect.corrector.SelfCorrector`); ``judge`` must then also
+            reflect (``reflect(prompts, images, force=True)``, e.g.
+            :class:`cotgen.reflect.judge.ReflectiveJudge`).
+        condition, null_condition: optional ``(P, C)`` token ids between each prompt
+            block and ``<boi>`` (:class:`StepwiseSampler`), e.g. the corrector's first
+            round (:meth:`SelfCorrector.first_round`).
     Returns:
         P :class:`SearchResult`, in prompt order.
     Raises:
@@ -155,12 +196,17 @@ def search(
     config.check()
     if config.strategy != "sample" and judge is None:
         raise ValueError(f"strategy {config.strategy!r} needs a judge")
+    if config.strategy == "parm_pp":
+        return _parm_pp(generator, judge, prompts, sampling, config, keep_steps, corrector, condition, null_condition)
     n = 1 if config.strategy == "sample" else sampling.n
     cfg = SamplingConfig(**{**asdict(sampling), "n": n})
     start = time.perf_counter()
     # a generator may bring its own step-wise sampler (the real-model adapters, cotgen/real)
     make = getattr(generator, "stepwise_sampler", None)
-    sampler = make(prompts, cfg) if make is not None else StepwiseSampler(generator, prompts, cfg)
+    if condition is not None:
+        sampler = StepwiseSampler(generator, prompts, cfg, condition=condition, null_condition=null_condition)
+    else:
+        sampler = make(prompts, cfg) if make is not None else StepwiseSampler(generator, prompts, cfg)
     ask = _asker(judge)
     traces = [PathTrace(p.candidate) for p in sampler.paths]
     steps: dict[int, list[Image.Image]] = {p.id: [] for p in sampler.paths}
@@ -232,9 +278,58 @@ def search(
                     "seconds": seconds / len(prompts),
                 },
                 steps={p.candidate: steps[p.id] for p in mine} if keep_steps else None,
+                tokens=list(best.tokens) if getattr(best, "tokens", None) is not None else None,
             )
         )
     return results
+
+
+def _parm_pp(generator, judge, prompts, sampling, config, keep_steps, corrector, condition, null_condition):
+    """PARM++ (see the module): rounds of PARM search, judged, reflected, regenerated."""
+    from dataclasses import replace
+
+    if corrector is None:
+        raise ValueError("strategy 'parm_pp' needs a self-correction generator (corrector)")
+    if not callable(getattr(judge, "reflect", None)):
+        raise ValueError("strategy 'parm_pp' needs a judge that reflects (judge.reflect)")
+    parm = replace(config, strategy="parm")
+    rounds: list[list[dict]] = [[] for _ in prompts]
+    pending = list(range(len(prompts)))
+    gen, cond, null = generator, condition, null_condition
+    given: dict[int, str] = {}  # prompt -> the reflection its current round is conditioned on
+    for r in range(1, config.max_rounds + 1):
+        seeded = SamplingConfig(**{**asdict(sampling), "seed": sampling.seed + 7919 * (r - 1)})
+        results = search(gen, judge, [prompts[i] for i in pending], seeded, parm, keep_steps,
+                         condition=cond, null_condition=null)
+        rejected = [k for k, res in enumerate(results) if (res.score or 0.0) < config.accept_threshold]
+        said = judge.reflect([prompts[pending[k]] for k in rejected], [results[k].image for k in rejected],
+                             force=True) if rejected else []
+        reflections = dict(zip(rejected, said))
+        for k, (i, res) in enumerate(zip(pending, results)):
+            compute = {**res.compute, "judge_calls": res.compute["judge_calls"] + int(k in reflections)}
+            rounds[i].append({"round": r, "image": res.image, "tokens": res.tokens, "score": res.score,
+                              "accepted": k not in reflections, "reflection": reflections.get(k),
+                              "condition_reflection": given.get(i), "chosen": res.chosen, "paths": res.paths,
+                              "compute": compute, "steps": res.steps})
+        if not rejected or r == config.max_rounds:
+            break
+        pending = [pending[k] for k in rejected]
+        given = {i: (reflections[k] if config.reflection else "") for i, k in zip(pending, rejected)}
+        previous = torch.tensor([rounds[i][-1]["tokens"] for i in pending], dtype=torch.long)
+        gen = corrector.generator
+        cond = corrector.condition([given[i] for i in pending], previous)
+        null = corrector.null_condition(previous)
+    out = []
+    for i, prompt in enumerate(prompts):
+        last = rounds[i][-1]
+        compute = {k: sum(rd["compute"][k] for rd in rounds[i]) for k in ("image_tokens", "forward_passes",
+                                                                          "judge_calls", "seconds")}
+        compute["rounds"] = len(rounds[i])
+        out.append(SearchResult(prompt=prompt, strategy="parm_pp", n=sampling.n, image=last["image"],
+                                chosen=last["chosen"], score=last["score"],
+                                paths=[p for rd in rounds[i] for p in rd["paths"]], compute=compute,
+                                steps=last["steps"], tokens=last["tokens"], rounds=rounds[i]))
+    return out
 
 
 def _judge_calls(t: PathTrace) -> int:

@@ -1,0 +1,285 @@
+"""PARM++'s self-correction generator (paper section 5): given the prompt, the previous
+image and the judge's reflection, generate a corrected image.
+
+Layout (one ``LlamaForCausalLM`` sequence, the same for every row, so no attention
+mask is needed and the StepwiseSampler's batching and KV cache work unchanged):
+
+    [prompt block (prompt_len)][reflection block (reflection_len)][<boi>][previous image (g*g)][<boi>][new image (g*g)]
+
+- the reflection block holds the reflection's words, left-padded with ``<pad>``; the
+  text vocabulary is the world's plus every reflection word
+  (:func:`cotgen.reflect.text.reflection_words`), appended after the world's words so
+  that their ids are unchanged; image code ``k`` moves to ``T' + k``.
+- ``[reflection block][<boi>][previous image]`` is the sampler's ``condition``
+  (:class:`cotgen.generator.sampling.StepwiseSampler`); the unconditional (CFG) rows
+  have a null prompt *and* a null reflection but keep the previous image.
+- a first round has no previous image: a blank canvas (the image tokenizer's
+  ``background_tokens``) and an empty reflection; the corrector is trained on such
+  rows too, so it is also a text-to-image generator.
+
+:func:`corrector_from_generator` widens the base generator (embedding rows copied,
+new words' rows initialised at the mean text embedding; ``max_position_embeddings``
+raised: RoPE needs no new weights). :func:`train_corrector` fine-tunes it with LoRA
+(peft) on the Llama blocks, the embeddings and the LM head being fully trained
+(``modules_to_save``: the new words must be learnt), loss on the new image's codes only
+(text logits out of the softmax, as in sampling), then merges the adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cotgen.generator.model import ShapesGenerator
+from cotgen.reflect.text import REFLECTION_LEN, YES, reflection_words
+
+CORRECTOR_FILE = "corrector.json"
+
+
+def corrector_text_tokenizer():
+    """The world's word-level tokenizer with every reflection word appended (the
+    world's words keep their ids)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cotgen.tokenizer.text import BOI, EOI, PAD, SPECIAL_TOKENS, UNK, world_words
+
+    words = [*SPECIAL_TOKENS, *world_words()]
+    words += [w for w in reflection_words() if w not in words]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.Strip(), normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, unk_token=UNK,
+                                   additional_special_tokens=[BOI, EOI], model_max_length=64, padding_side="right")
+
+
+class SelfCorrector:
+    """A :class:`ShapesGenerator` read with the self-correction layout.
+
+    Args:
+        generator: its text tokenizer must know every reflection word.
+        reflection_len: words in the reflection block.
+    """
+
+    def __init__(self, generator: ShapesGenerator, reflection_len: int = REFLECTION_LEN) -> None:
+        self.generator = generator
+        self.reflection_len = reflection_len
+        vocab = generator.text_tokenizer.get_vocab()
+        lacking = [w for w in reflection_words() if w not in vocab]
+        if lacking:
+            raise ValueError(f"the corrector's text tokenizer lacks reflection words: {lacking[:8]}")
+
+    @property
+    def condition_length(self) -> int:
+        return self.reflection_len + 1 + self.generator.num_image_tokens
+
+    def encode_reflections(self, texts: Sequence[str]) -> torch.Tensor:
+        """Reflection blocks ``(P, reflection_len)`` long, left-padded; ``""`` or ``"yes"``
+        give an empty block. Raises ValueError for unknown words or too long a text."""
+        from cotgen.tokenizer.text import encode_prompt
+
+        g, L = self.generator, self.reflection_len
+        rows = []
+        for text in texts:
+            ids = [] if not text.strip() or text.strip() == YES else encode_prompt(g.text_tokenizer, text)
+            if len(ids) > L:
+                raise ValueError(f"reflection has {len(ids)} words, at most {L} fit: {text!r}")
+            rows.append([g.pad_id] * (L - len(ids)) + ids)
+        return torch.tensor(rows, dtype=torch.long).reshape(len(texts), L)
+
+    def blank_tokens(self, n: int) -> torch.Tensor:
+        """``n`` blank canvases (the first round's previous image), ``(n, g*g)`` long."""
+        bg = self.generator.image_tokenizer.background_tokens.reshape(1, -1).long()
+        return bg.expand(n, -1).clone()
+
+    def condition(self, reflections: Sequence[str], previous: torch.Tensor) -> torch.Tensor:
+        """``[reflection block][<boi>][previous image]`` ``(P, condition_length)`` in model ids."""
+        g = self.generator
+        prev = torch.as_tensor(previous, dtype=torch.long).reshape(len(reflections), -1)
+        if prev.shape[1] != g.num_image_tokens or prev.min() < 0 or prev.max() >= g.codebook_size:
+            raise ValueError(f"previous images must be {g.num_image_tokens} codes in [0, {g.codebook_size})")
+        boi = torch.full((len(reflections), 1), g.boi_id, dtype=torch.long)
+        return torch.cat([self.encode_reflections(reflections), boi, prev + g.text_vocab], 1)
+
+    def null_condition(self, previous: torch.Tensor) -> torch.Tensor:
+        """The unconditional rows' condition: empty reflection, same previous image."""
+        prev = torch.as_tensor(previous, dtype=torch.long).reshape(-1, self.generator.num_image_tokens)
+        return self.condition([""] * len(prev), prev)
+
+    def first_round(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(condition, null_condition)`` of a first round: blank canvas, no reflection."""
+        blank = self.blank_tokens(n)
+        return self.condition([""] * n, blank), self.null_condition(blank)
+
+    def sequences(self, prompts: Sequence[str], reflections: Sequence[str], previous, new) -> torch.Tensor:
+        """Training sequences: ``[prompt][condition][<boi>][new image]``."""
+        g = self.generator
+        cond = self.condition(reflections, previous)
+        head = torch.cat([g.encode_prompts(prompts), cond], 1)
+        return g.sequences(head, torch.as_tensor(new, dtype=torch.long).reshape(len(prompts), -1))
+
+    def image_logprobs(self, prompts, reflections, previous, new) -> torch.Tensor:
+        """log p(new image | prompt, reflection, previous image), summed: ``(B,)`` float32
+        (image codes only compete, as in sampling)."""
+        g = self.generator
+        seq = self.sequences(prompts, reflections, previous, new)
+        start = g.prompt_len + self.condition_length + 1
+        logits = g.model(input_ids=seq).logits[:, start - 1 : -1, g.text_vocab :]
+        target = seq[:, start:] - g.text_vocab
+        return torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        self.generator.save_pretrained(path)
+        (Path(path) / CORRECTOR_FILE).write_text(json.dumps({"reflection_len": self.reflection_len}, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> SelfCorrector:
+        """Raises FileNotFoundError naming what is missing."""
+        path = Path(path)
+        if not (path / CORRECTOR_FILE).is_file():
+            raise FileNotFoundError(f"no self-correction generator at {path} ({CORRECTOR_FILE} missing); "
+                                    "run `dvc repro reflect/dvc.yaml:corrector`")
+        cfg = json.loads((path / CORRECTOR_FILE).read_text())
+        return cls(ShapesGenerator.from_pretrained(path), cfg["reflection_len"])
+
+
+def corrector_from_generator(base: ShapesGenerator, reflection_len: int = REFLECTION_LEN) -> SelfCorrector:
+    """The base generator widened to the self-correction layout (see the module)."""
+    from transformers import LlamaForCausalLM
+
+    text = corrector_text_tokenizer()
+    T, T2, K = base.text_vocab, len(text), base.codebook_size
+    old = base.model
+    cfg = old.config.to_dict()
+    cfg.update(vocab_size=T2 + K,
+               max_position_embeddings=base.prompt_len + reflection_len + 2 + 2 * base.num_image_tokens)
+    for k in ("architectures", "transformers_version", "model_type"):
+        cfg.pop(k, None)
+    from transformers import LlamaConfig
+
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    state = old.state_dict()
+    new_state = model.state_dict()
+    for name in new_state:
+        src = state[name]
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = torch.empty_like(new_state[name])
+            w[:T] = src[:T]
+            w[T:T2] = src[:T].mean(0) if name == "model.embed_tokens.weight" else 0.0
+            w[T2:] = src[T:]
+            new_state[name] = w
+        else:
+            new_state[name] = src.clone()
+    model.load_state_dict(new_state)
+    model.eval()
+    return SelfCorrector(ShapesGenerator(model, text, base.image_tokenizer, base.prompt_len), reflection_len)
+
+
+def train_corrector(
+    corrector: SelfCorrector,
+    groups: Sequence[dict],
+    out_dir: str | Path,
+    lora_rank: int = 8,
+    lora_alpha: int = 16,
+    target_modules: Sequence[str] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    steps: int = 300,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
+    warmup_steps: int = 20,
+    first_round_fraction: float = 0.25,
+    reflection_dropout: float = 0.1,
+    cond_dropout: float = 0.1,
+    seed: int = 0,
+    max_seconds: float | None = None,
+    progress: bool = True,
+) -> tuple[SelfCorrector, dict]:
+    """Fine-tune the corrector with LoRA on reflection groups (``prompt``,
+    ``wrong_tokens``, ``reflection``, ``right_tokens``; the ``reflections`` data kind).
+
+    Each training row draws (seeded): with ``first_round_fraction`` a first round (blank
+    canvas, empty reflection -> right image); else a correction, whose reflection is
+    emptied with ``reflection_dropout`` (so "regenerate without reflection" is in
+    distribution, the ablation's condition); then with ``cond_dropout`` the prompt and
+    reflection become null (classifier-free guidance). Loss: cross-entropy of the right
+    image's codes over the image codes. Writes ``out_dir`` (merged weights,
+    :meth:`SelfCorrector.save_pretrained`; the adapter under ``adapter/``).
+
+    Returns:
+        ``(corrector reloaded from out_dir, metrics)``: ``groups``, ``steps``,
+        ``seconds``, ``first_loss`` / ``last_loss`` (means of the first / last tenth),
+        ``trainable_parameters``, ``merge_max_abs_diff`` (log-prob of a few groups:
+        adapted model against the saved, merged one).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    if not groups:
+        raise ValueError("no reflection groups to train the corrector on")
+    g = corrector.generator
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    prompts = g.encode_prompts([r["prompt"] for r in groups])
+    refl = corrector.encode_reflections([r["reflection"] for r in groups])
+    wrong = torch.tensor([r["wrong_tokens"] for r in groups], dtype=torch.long)
+    right = torch.tensor([r["right_tokens"] for r in groups], dtype=torch.long)
+    blank = corrector.blank_tokens(1)[0]
+    lora = LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0,
+                      modules_to_save=["embed_tokens", "lm_head"], task_type="CAUSAL_LM")
+    import copy
+
+    peft_model = get_peft_model(copy.deepcopy(g.model), lora)
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, min(warmup_steps, steps // 10), steps)
+    T, L = g.text_vocab, g.prompt_len + corrector.condition_length + 1
+    boi = torch.full((1,), g.boi_id, dtype=torch.long)
+    losses, start = [], time.monotonic()
+    peft_model.train()
+    for _ in tqdm(range(steps), desc="corrector", disable=not progress):
+        idx = torch.as_tensor(rng.integers(len(groups), size=min(batch_size, len(groups))))
+        p, r, w = prompts[idx].clone(), refl[idx].clone(), wrong[idx].clone()
+        u = rng.random((len(idx), 3))
+        first = torch.as_tensor(u[:, 0] < first_round_fraction)
+        w[first] = blank
+        r[first | torch.as_tensor(u[:, 1] < reflection_dropout)] = g.pad_id
+        null = torch.as_tensor(u[:, 2] < cond_dropout)
+        p[null], r[null] = g.pad_id, g.pad_id
+        seq = torch.cat([p, r, boi.expand(len(idx), 1), w + T, boi.expand(len(idx), 1), right[idx] + T], 1)
+        logits = peft_model(input_ids=seq[:, :-1]).logits[:, L - 1 :, T:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 right[idx].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if max_seconds is not None and time.monotonic() - start > max_seconds:
+            break
+    peft_model.eval()
+    out_dir = Path(out_dir)
+    probe = groups[: min(4, len(groups))]
+    args = ([r["prompt"] for r in probe], [r["reflection"] for r in probe],
+            torch.tensor([r["wrong_tokens"] for r in probe]), torch.tensor([r["right_tokens"] for r in probe]))
+    with torch.no_grad():
+        adapted_lp = SelfCorrector(ShapesGenerator(peft_model, g.text_tokenizer, g.image_tokenizer, g.prompt_len),
+                                   corrector.reflection_len).image_logprobs(*args)
+    peft_model.save_pretrained(out_dir / "adapter")
+    merged = peft_model.merge_and_unload().eval()
+    SelfCorrector(ShapesGenerator(merged, g.text_tokenizer, g.image_tokenizer, g.prompt_len),
+                  corrector.reflection_len).save_pretrained(out_dir)
+    trained = SelfCorrector.from_pretrained(out_dir)
+    with torch.no_grad():
+        merged_lp = trained.image_logprobs(*args)
+    tenth = max(1, len(losses) // 10)
+    return trained, {"groups": len(groups), "steps": len(losses), "seconds": time.monotonic() - start,
+                     "first_loss": float(np.mean(losses[:tenth])), "last_loss": float(np.mean(losses[-tenth:])),
+                     "trainable_parameters": int(sum(p.numel() for p in trainable)),
+                     "merge_max_abs_diff": float((adapted_lp - merged_lp).abs().max())}

@@ -1,0 +1,215 @@
+"""PARM++ pipeline stages (``reflect/dvc.yaml``, on demand; thin wrappers in
+:mod:`cotgen.pipeline.stages`): reflection data, the judge's reflection head, the
+self-correction generator and the Table-5 analogue (paper section 5).
+
+Knobs: ``params["reflect"]``. Outputs under ``data/reflect``; metrics
+``metrics/reflect_*.json`` and ``metrics/geneval_parm_pp*.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+PATHS = {
+    "groups": "data/reflect/reflections.jsonl",
+    "examples": "data/reflect/examples.jsonl",
+    "judge": "data/reflect/judge",
+    "corrector": "data/reflect/corrector",
+}
+
+#: The Table-5 rows: name -> (strategy, N from params or 1, reflection).
+TABLE5 = {
+    "parm_pp_corrector_sample": ("sample", False, True),   # self-correction generator, no verifier
+    "parm_pp_corrector_orm": ("best_of_n", True, True),    # + ORM (best-of-N)
+    "parm_pp_corrector_parm": ("parm", True, True),        # + PARM
+    "parm_pp_noreflect": ("parm_pp", True, False),         # + PARM++ without reflection
+    "parm_pp": ("parm_pp", True, True),                    # + PARM++ with reflection
+}
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    from cotgen.geneval.report import write_summary
+
+    write_summary(path, obj)
+
+
+def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
+    """Reflection data from the labelled trajectories: the judge's examples ("yes" or a
+    reflection per final image, mostly negatives) and the corrector's groups (train
+    prompts only; checked by the ``reflections`` suite). Writes ``data/reflect/examples.jsonl``,
+    ``data/reflect/reflections.jsonl`` and ``metrics/reflect_data.json``."""
+    from cotgen.pipeline.stages import PATHS as MAIN, _load_generator_parts, _validate
+    from cotgen.reflect.data import reflection_groups, write_groups
+    from cotgen.reflect.text import reflection_examples
+    from cotgen.reward.data import Trajectories
+    from cotgen.world.detector import ShapesDetector
+    from cotgen.world.render import STYLES
+
+    r = params["reflect"]["data"]
+    _validate("labels", root / MAIN["trajectories"], root)
+    traj = Trajectories.load(root / MAIN["trajectories"])
+    _, image_tokenizer = _load_generator_parts(root)
+    detector = ShapesDetector.from_pretrained(root / MAIN["detector"])
+    examples = reflection_examples(traj.paths, r["negative_fraction"], r["seed"])
+    groups = reflection_groups(traj, image_tokenizer, detector, seed=r["seed"], render_right=r["render_right"],
+                               style=STYLES[params["generator"]["scene_style"]])
+    final = root / PATHS["groups"]
+    tmp = final.with_name(final.name + ".tmp")
+    write_groups(tmp, groups)
+    if groups:
+        _validate("reflections", tmp, root, vocab_size=image_tokenizer.codebook_size)
+    tmp.replace(final)
+    (root / PATHS["examples"]).write_text("".join(json.dumps(e) + "\n" for e in examples))
+    metrics = {
+        "examples": len(examples),
+        "examples_by_split_kind": {f"{s}/{k}": n for (s, k), n in sorted(Counter((e["split"], e["kind"]) for e in examples).items())},
+        "negative_fraction": float(np.mean([e["kind"] != "ok" for e in examples])) if examples else None,
+        "distinct_texts": len({e["text"] for e in examples}),
+        "groups": len(groups),
+        "groups_by_kind": dict(Counter(g["kind"] for g in groups)),
+        "groups_right_source": dict(Counter(g["right_source"] for g in groups)),
+    }
+    _write_json(root / "metrics/reflect_data.json", metrics)
+    return metrics
+
+
+def stage_reflect_judge(params: dict, root: Path = Path(".")) -> dict:
+    """Train the judge's reflection head (:func:`cotgen.reflect.judge.train_reflector`)
+    on the train examples and measure it on held-out prompts' generated images; writes
+    ``data/reflect/judge`` (:class:`ReflectiveJudge`) and ``metrics/reflect_judge.json``."""
+    from cotgen.pipeline.stages import PATHS as MAIN, _load_generator_parts, _replace_dir, _tmp_dir
+    from cotgen.reflect.judge import ReflectiveJudge, evaluate_reflections, train_reflector
+    from cotgen.reward.data import Trajectories
+    from cotgen.reward.object_judge import ObjectJudge
+
+    j = params["reflect"]["judge"]
+    traj = Trajectories.load(root / MAIN["trajectories"])
+    _, image_tokenizer = _load_generator_parts(root)
+    examples = [json.loads(line) for line in (root / PATHS["examples"]).read_text().splitlines() if line.strip()]
+    judge = ObjectJudge.from_pretrained(root / MAIN["judge"])
+    labeller = None
+    if j.get("perception_targets", False):
+        from cotgen.world.detector import ShapesDetector
+
+        labeller = ShapesDetector.from_pretrained(root / MAIN["detector"])
+    model, metrics = train_reflector(judge, traj, examples, image_tokenizer, steps=j["steps"],
+                                     batch_size=j["batch_size"], learning_rate=j["learning_rate"], seed=j["seed"],
+                                     max_seconds=j.get("max_seconds"), perception_labeller=labeller)
+    reflective = ReflectiveJudge(judge, model, seed=j["seed"])
+    held = [e for e in examples if e["split"] == "heldout" and traj.paths[e["path"]].get("source", "generator") == "generator"]
+    metrics["heldout"] = evaluate_reflections(reflective, traj, held, image_tokenizer)
+    final = root / PATHS["judge"]
+    tmp = _tmp_dir(final)
+    reflective.save_pretrained(tmp)
+    _replace_dir(tmp, final)
+    _write_json(root / "metrics/reflect_judge.json", metrics)
+    return metrics
+
+
+def stage_corrector(params: dict, root: Path = Path(".")) -> dict:
+    """Fine-tune the self-correction generator (LoRA) on the reflection groups; writes
+    ``data/reflect/corrector`` and ``metrics/reflect_corrector.json``."""
+    from cotgen.generator.model import ShapesGenerator
+    from cotgen.pipeline.stages import PATHS as MAIN, _replace_dir, _tmp_dir, _validate
+    from cotgen.reflect.corrector import corrector_from_generator, train_corrector
+    from cotgen.reflect.data import read_groups
+
+    c = params["reflect"]["corrector"]
+    groups = read_groups(root / PATHS["groups"])
+    _validate("reflections", root / PATHS["groups"], root)
+    base = ShapesGenerator.from_pretrained(root / MAIN["generator"])
+    corrector = corrector_from_generator(base, c["reflection_len"])
+    final = root / PATHS["corrector"]
+    tmp = _tmp_dir(final)
+    _, metrics = train_corrector(
+        corrector, groups, tmp, lora_rank=c["lora_rank"], lora_alpha=c["lora_alpha"],
+        target_modules=c["target_modules"], steps=c["steps"], batch_size=c["batch_size"],
+        learning_rate=c["learning_rate"], warmup_steps=c["warmup_steps"],
+        first_round_fraction=c["first_round_fraction"], reflection_dropout=c["reflection_dropout"],
+        cond_dropout=c["cond_dropout"], seed=c["seed"], max_seconds=c.get("max_seconds"),
+    )
+    _replace_dir(tmp, final)
+    _write_json(root / "metrics/reflect_corrector.json", metrics)
+    return metrics
+
+
+def run_table5_row(params: dict, root: Path, name: str) -> dict:
+    """One Table-5 row on the evaluation set (``reflect.eval``: the first ``max_prompts``
+    prompts, ``images_per_prompt`` images each, N = ``n``): the self-correction
+    generator (first-round mode) with the row's strategy; writes ``data/samples/<name>``,
+    ``data/traces/<name>.jsonl``, ``metrics/geneval_<name>.json`` (GenEval keys plus
+    ``image_tokens_per_image``, ``rounds_per_image``, ``rounds_histogram``)."""
+    from tqdm import tqdm
+
+    from cotgen.geneval.layout import write_folder
+    from cotgen.geneval.metadata import load_metadata, write_metadata
+    from cotgen.geneval.report import plot_tags
+    from cotgen.geneval.scoring import score_folder, write_results
+    from cotgen.pipeline.stages import PATHS as MAIN, _mkparent, _replace_dir, _tmp_dir, _validate, sampling_config
+    from cotgen.reflect.corrector import SelfCorrector
+    from cotgen.reflect.judge import ReflectiveJudge
+    from cotgen.search import SearchConfig, search
+    from cotgen.world.detector import ShapesDetector
+
+    e, se = params["reflect"]["eval"], params["search"]
+    strategy, searched, reflection = TABLE5[name]
+    n = e["n"] if searched else 1
+    _validate("prompts", root / MAIN["eval_prompts"], root)
+    eval_set = load_metadata(root / MAIN["eval_prompts"])
+    if e.get("max_prompts"):
+        eval_set = eval_set[: e["max_prompts"]]
+    corrector = SelfCorrector.from_pretrained(root / PATHS["corrector"])
+    judge = None if strategy == "sample" else ReflectiveJudge.from_pretrained(root / PATHS["judge"])
+    config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"], max_rounds=e["max_rounds"],
+                          accept_threshold=e["accept_threshold"], reflection=reflection)
+    images: list[list] = [[] for _ in eval_set]
+    traces = []
+    for rep in range(e["images_per_prompt"]):
+        sampling = sampling_config(params, n)
+        sampling.seed = sampling.seed + 1000 * rep
+        for start in tqdm(range(0, len(eval_set), se["batch_prompts"]), desc=f"{name} (N={n}) image {rep + 1}"):
+            chunk = eval_set[start : start + se["batch_prompts"]]
+            cond, null = corrector.first_round(len(chunk))
+            results = search(corrector.generator, judge, [m["prompt"] for m in chunk], sampling, config,
+                             corrector=corrector, condition=cond, null_condition=null)
+            for i, r in enumerate(results):
+                images[start + i].append(r.image)
+                traces.append({"index": start + i, "image": rep, **r.trace()})
+    final = root / "data/samples" / name
+    tmp = _tmp_dir(final)
+    write_folder(tmp, eval_set, lambda i, m: images[i])
+    _replace_dir(tmp, final)
+    subset = _mkparent(root / "data/reflect" / f"eval_{name}.jsonl")
+    write_metadata(subset, eval_set)
+    (_mkparent(root / "data/traces" / f"{name}.jsonl")).write_text("".join(json.dumps(t) + "\n" for t in traces))
+    detector = ShapesDetector.from_pretrained(root / MAIN["detector"])
+    results, summary = score_folder(final, detector, metadata_file=subset)
+    rounds = [t["compute"].get("rounds", 1) for t in traces]
+    summary.update(n=n, strategy=strategy, reflection=reflection, generator="self-correction (first round: blank canvas)",
+                   image_tokens_per_image=float(np.mean([t["compute"]["image_tokens"] for t in traces])),
+                   judge_calls_per_image=float(np.mean([t["compute"]["judge_calls"] for t in traces])),
+                   seconds_per_image=float(np.mean([t["compute"]["seconds"] for t in traces])),
+                   rounds_per_image=float(np.mean(rounds)),
+                   rounds_histogram={str(k): v for k, v in sorted(Counter(rounds).items())},
+                   eval_prompts=len(eval_set))
+    write_results(_mkparent(root / "data/results" / f"{name}.jsonl"), results)
+    _write_json(root / f"metrics/geneval_{name}.json", summary)
+    plot_tags(_mkparent(root / f"plots/geneval_{name}.png"), summary, title=f"GenEval-Shapes, {name} (N={n})")
+    return summary
+
+
+def stage_reflect_table(params: dict, root: Path = Path(".")) -> dict:
+    """The Table-5 analogue: every row of :data:`TABLE5` (see :func:`run_table5_row`);
+    writes each row's metrics and ``metrics/reflect_table5.json`` (overall, tags, N,
+    image tokens, rounds per row, and the gain of reflection over no reflection)."""
+    rows = {name: run_table5_row(params, root, name) for name in TABLE5}
+    table = {name: {k: m.get(k) for k in ("overall", "tags", "n", "image_tokens_per_image", "rounds_per_image",
+                                          "images", "eval_prompts")} for name, m in rows.items()}
+    out = {"rows": table, "reflection_gain": rows["parm_pp"]["overall"] - rows["parm_pp_noreflect"]["overall"]}
+    _write_json(root / "metrics/reflect_table5.json", out)
+    return out
