@@ -125,7 +125,7 @@ def test_reflector_training_lowers_loss_and_reflects(gen, traj, tmp_path):
     words = judge.encode_prompts([p["prompt"] for p in traj.paths[:4]])
     common = dict(words=words, question=torch.zeros(4, dtype=torch.long), progress=torch.ones(4))
     assert torch.allclose(model(**feats, **common).logits, judge.model(**feats, **common).logits)
-    trained, metrics = train_reflector(judge, traj, ex, gen.image_tokenizer, steps=60, batch_size=16,
+    trained, metrics = train_reflector(judge, traj, ex, gen.image_tokenizer, steps=30, batch_size=8,
                                        learning_rate=3e-3, progress=False)
     assert metrics["last_loss"] < metrics["first_loss"]
     rj = ReflectiveJudge(judge, trained)
@@ -233,12 +233,11 @@ class ReflectingJudge:
         return ["the star is missing" for _ in prompts]
 
 
-@pytest.mark.parametrize("max_rounds", [1, 3])
-def test_parm_pp_rounds_are_bounded_and_traced(gen, corrector, max_rounds):
+def test_parm_pp_rounds_are_bounded_and_traced(gen, corrector, max_rounds=3):
     assert "parm_pp" in STRATEGIES
     judge = ReflectingJudge(outcome=0.1)  # never accepted: every round runs
     prompts = ["a photo of three stars", "a photo of a red circle"]
-    cfg = SamplingConfig(n=3, cfg_scale=1.0, seed=0, tokens_per_step=STEP)
+    cfg = SamplingConfig(n=2, cfg_scale=1.0, seed=0, tokens_per_step=STEP)
     results = search(gen, judge, prompts, cfg, SearchConfig("parm_pp", max_rounds=max_rounds), keep_steps=True,
                      corrector=corrector)
     for r in results:
@@ -248,7 +247,7 @@ def test_parm_pp_rounds_are_bounded_and_traced(gen, corrector, max_rounds):
         assert r.rounds[0]["condition_reflection"] is None
         assert all(rd["condition_reflection"] == "the star is missing" for rd in r.rounds[1:])
         assert r.image is r.rounds[-1]["image"] and r.tokens == r.rounds[-1]["tokens"]
-        assert len(r.paths) == 3 * max_rounds and all(len(rd["steps"]) == 3 for rd in r.rounds)
+        assert len(r.paths) == 2 * max_rounds and all(len(rd["steps"]) == 2 for rd in r.rounds)
         assert r.compute["image_tokens"] == sum(rd["compute"]["image_tokens"] for rd in r.rounds)
         trace = json.loads(json.dumps(r.trace()))
         assert len(trace["rounds"]) == max_rounds and "image" not in trace["rounds"][0]
@@ -259,7 +258,9 @@ def test_parm_pp_rounds_are_bounded_and_traced(gen, corrector, max_rounds):
     # without reflection: regenerated from the previous image with an empty reflection
     bare = search(gen, ReflectingJudge(), prompts[:1], cfg, SearchConfig("parm_pp", max_rounds=2, reflection=False),
                   corrector=corrector)[0]
-    assert bare.rounds[1]["condition_reflection"] == ""
+    assert len(bare.rounds) == 2 and bare.rounds[1]["condition_reflection"] == ""
+    one = search(gen, ReflectingJudge(), prompts[:1], cfg, SearchConfig("parm_pp", max_rounds=1), corrector=corrector)[0]
+    assert len(one.rounds) == 1 and one.rounds[0]["reflection"] == "the star is missing"
     with pytest.raises(ValueError, match="corrector"):
         search(gen, judge, prompts, cfg, SearchConfig("parm_pp"))
     with pytest.raises(ValueError, match="max_rounds"):
@@ -295,3 +296,42 @@ def test_cli_generate_parm_pp_shows_rounds(gen, corrector, tmp_path):
     assert grid.height > 4 * 8  # 2 rounds x 2 candidates as rows
     bad = CliRunner().invoke(app, args[:-4] + ["--corrector", str(tmp_path / "none"), "--out", str(out)])
     assert bad.exit_code == 2 and "corrector" in bad.output
+
+
+def test_reflect_stages_on_the_tiny_pipeline(tiny_run, tmp_path):
+    """reflect_data -> reflect_judge -> corrector -> the Table-5 rows, on a copy of the tiny pipeline's root."""
+    import copy
+    import shutil
+
+    from cotgen.pipeline.stages import run_stage
+    from cotgen.reflect.stages import TABLE5
+
+    src, params, _ = tiny_run
+    root = tmp_path / "root"
+    shutil.copytree(src, root)
+    params = copy.deepcopy(params)
+    params["reflect"]["eval"].update(max_prompts=6, n=2)
+    data = run_stage("reflect_data", params, root)
+    assert data["examples"] > 0 and (root / "data/reflect/examples.jsonl").is_file()
+    judge = run_stage("reflect_judge", params, root)
+    assert "heldout" in judge and (root / "data/reflect/judge/reflector/config.json").is_file()
+    if data["groups"] == 0:  # an untrained tiny detector finds few right images: pair wrong paths with others
+        from cotgen.reflect.data import write_groups
+        from cotgen.reward.data import Trajectories
+
+        t = Trajectories.load(root / "data/reward/trajectories")
+        ex = [json.loads(x) for x in (root / "data/reflect/examples.jsonl").read_text().splitlines()]
+        wrong = [e for e in ex if e["kind"] != "ok"][:8]
+        write_groups(root / "data/reflect/reflections.jsonl", [
+            {"prompt": t.paths[e["path"]]["prompt"], "wrong_tokens": t.tokens[e["path"]].tolist(),
+             "reflection": e["text"], "right_tokens": t.tokens[(e["path"] + 1) % len(t.paths)].tolist(),
+             "metadata": t.paths[e["path"]]["metadata"]} for e in wrong])
+    run_stage("corrector", params, root)
+    assert SelfCorrector.from_pretrained(root / "data/reflect/corrector").reflection_len == 16
+    table = run_stage("reflect_table", params, root)
+    assert set(table["rows"]) == set(TABLE5)
+    for name in TABLE5:
+        m = json.loads((root / f"metrics/geneval_{name}.json").read_text())
+        assert {"overall", "tags", "images", "prompts", "n", "image_tokens_per_image"} <= set(m)
+        assert m["eval_prompts"] == 6  # one per tag
+    assert json.loads((root / "metrics/geneval_parm_pp.json").read_text())["rounds_per_image"] <= 2

@@ -139,8 +139,8 @@ def stage_corrector(params: dict, root: Path = Path(".")) -> dict:
 
 
 def run_table5_row(params: dict, root: Path, name: str) -> dict:
-    """One Table-5 row on the evaluation set (``reflect.eval``: the first ``max_prompts``
-    prompts, ``images_per_prompt`` images each, N = ``n``): the self-correction
+    """One Table-5 row on the evaluation set (``reflect.eval``: ``max_prompts`` prompts
+    drawn evenly over the tags, seeded, or all; ``images_per_prompt`` images each, N = ``n``): the self-correction
     generator (first-round mode) with the row's strategy; writes ``data/samples/<name>``,
     ``data/traces/<name>.jsonl``, ``metrics/geneval_<name>.json`` (GenEval keys plus
     ``image_tokens_per_image``, ``rounds_per_image``, ``rounds_histogram``)."""
@@ -161,8 +161,10 @@ def run_table5_row(params: dict, root: Path, name: str) -> dict:
     n = e["n"] if searched else 1
     _validate("prompts", root / MAIN["eval_prompts"], root)
     eval_set = load_metadata(root / MAIN["eval_prompts"])
-    if e.get("max_prompts"):
-        eval_set = eval_set[: e["max_prompts"]]
+    if e.get("max_prompts"):  # evenly over the tags (seeded), in the set's order
+        from cotgen.pipeline.stages import balanced_prompts
+
+        eval_set = balanced_prompts(eval_set, e["max_prompts"], params["seed"])
     corrector = SelfCorrector.from_pretrained(root / PATHS["corrector"])
     judge = None if strategy == "sample" else ReflectiveJudge.from_pretrained(root / PATHS["judge"])
     config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"], max_rounds=e["max_rounds"],
