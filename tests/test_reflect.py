@@ -335,3 +335,19 @@ def test_reflect_stages_on_the_tiny_pipeline(tiny_run, tmp_path):
         assert {"overall", "tags", "images", "prompts", "n", "image_tokens_per_image"} <= set(m)
         assert m["eval_prompts"] == 6  # one per tag
     assert json.loads((root / "metrics/geneval_parm_pp.json").read_text())["rounds_per_image"] <= 2
+
+
+def test_vlm_judge_generates_reflections():
+    """The real-model route: a VLM judge answers the reflection question in text."""
+    from PIL import Image
+
+    from cotgen.reflect.judge import REFLECTION_QUESTION, vlm_reflect, vlm_reflection_rows
+    from cotgen.reward.vlm_judge import tiny_llava_judge
+
+    judge = tiny_llava_judge()
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    texts = vlm_reflect(judge, ["a photo of a star", "a photo of two hearts"], [image, image], max_new_tokens=4)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    row = vlm_reflection_rows(["a photo of a star"], [image], ["the star is missing"])[0]
+    assert REFLECTION_QUESTION in row["prompt"][0]["content"][1]["text"]
+    assert row["completion"][0]["content"][0]["text"] == "the star is missing"

@@ -353,8 +353,6 @@ def vlm_reflect(judge, prompts: Sequence[str], images, max_new_tokens: int = 32)
     """The reflection question put to a VLM judge (:class:`cotgen.reward.vlm_judge.VLMJudge`,
     the real-model route): its chat template, greedy generation, the answer's text.
     A VLM fine-tuned on :func:`vlm_reflection_rows` answers ``"yes"`` or a reflection."""
-    from cotgen.reward.vlm_judge import CHAT_TEMPLATE  # noqa: F401  (the tiny judge's template)
-
     check_batch(prompts, images, None)
     if not len(prompts):
         return []
