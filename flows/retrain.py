@@ -45,8 +45,8 @@ from prefect.cache_policies import NO_CACHE
 
 from cotgen.pipeline.gate import GateFailedError
 from cotgen.pipeline.orchestrate import (
-    RETRY_STAGES, geneval_markdown, pipeline_stages, prepare_workdir, run_dvc, stale_stages, stages_ran, upstream,
-    use_remote,
+    RETRY_STAGES, StageFailedError, geneval_markdown, pipeline_stages, prepare_workdir, run_dvc, stale_stages,
+    stages_ran, upstream, use_remote,
 )
 from cotgen.pipeline.package import REGISTRY_FILE, read_gate
 
@@ -57,14 +57,47 @@ REPORT_ROWS = {"ground truth": "metrics/geneval_ground_truth.json", "baseline (p
                "metrics/geneval_baseline.json", "verified generator (PARM)": "metrics/geneval_parm.json"}
 
 
+def _keep_uncached_outputs(root: Path, stage: str) -> dict[Path, bytes]:
+    """Contents of the stage's ``cache: false`` files (metrics, plots), which DVC deletes
+    before running the stage and cannot check out again."""
+    import yaml
+
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"].get(stage, {})
+    kept = {}
+    for key in ("outs", "metrics", "plots"):
+        for entry in spec.get(key, []):
+            if isinstance(entry, dict):
+                (name, opts), = entry.items()
+                if not (opts or {}).get("cache", True) and (root / name).is_file():
+                    kept[root / name] = (root / name).read_bytes()
+    return kept
+
+
 @task(name="dvc-repro", task_run_name="repro-{stage}", cache_policy=NO_CACHE)
 def repro(root: str, stage: str, force: bool = False) -> dict:
     """``dvc repro STAGE`` (``--force --single-item`` with ``force``); returns which
-    stages DVC ran and the seconds it took."""
+    stages DVC ran and the seconds it took.
+
+    DVC removes a stage's outputs before running it; if the stage fails (a failed
+    expectation suite included), ``dvc checkout STAGE`` puts back the outputs that
+    ``dvc.lock`` records (the last good run, from DVC's cache), so a failure loses
+    nothing. Raises StageFailedError naming the stage and its error."""
     logger = get_run_logger()
     start = time.time()
     args = ["repro", stage, *(["--force", "--single-item"] if force else [])]
-    out = run_dvc(args, Path(root), logger.info, stage=stage)
+    kept = _keep_uncached_outputs(Path(root), stage)
+    try:
+        out = run_dvc(args, Path(root), logger.info, stage=stage)
+    except StageFailedError:
+        for path, data in kept.items():  # metrics / plots with `cache: false`: not in DVC's cache
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        try:
+            run_dvc(["checkout", stage], Path(root), logger.info)
+            logger.warning(f"stage {stage} failed: its last good outputs (dvc.lock) are back in place")
+        except StageFailedError as e:  # nothing recorded yet: nothing to restore
+            logger.warning(f"stage {stage} failed and `dvc checkout {stage}` could not restore outputs: {e}")
+        raise
     ran = stages_ran(out)
     seconds = round(time.time() - start, 1)
     logger.info(f"stage {stage}: {'ran' if stage in ran else 'unchanged, skipped by DVC'} ({seconds} s)")

@@ -150,6 +150,54 @@ def test_failing_gate_keeps_promoted_model(flow_run):
         params_file.write_text(original)
 
 
+def _tree_digest(path):
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f.relative_to(path).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("boundary", ["labels", "prompts"])
+def test_corrupted_data_stops_the_flow_before_anything_downstream(flow_run, boundary):
+    """Bad data versioned in DVC (written, then `dvc commit`ted, as a bad pull or a
+    faulty producer would leave it): the consuming stage's expectation suite fails, the
+    flow ends Failed naming the suite, and the consumer's outputs, the metrics and the
+    promoted model stay as they were."""
+    from flows.retrain import retrain
+
+    work, _, _ = flow_run
+    target = {"labels": work / "data/reward/trajectories/paths.jsonl", "prompts": work / "data/prompts/eval.jsonl"}[boundary]
+    downstream = {"labels": work / "data/judge", "prompts": work / "data/renders/ground_truth"}[boundary]
+    producer = {"labels": "trajectories", "prompts": "prompts"}[boundary]
+    original = target.read_text()
+    lines = original.splitlines()
+    row = json.loads(lines[1])
+    if boundary == "labels":
+        row["split"] = "validation"  # not a split
+    else:
+        row["tag"] = "bogus_tag"
+    lines[1] = json.dumps(row)
+    metrics = {"labels": work / "metrics/judge.json", "prompts": work / "metrics/geneval_ground_truth.json"}[boundary]
+    before = (_tree_digest(downstream), metrics.read_bytes(), promoted_model().tag)
+    target.write_text("\n".join(lines) + "\n")
+    run_dvc(["commit", "--force", producer], work)
+    try:
+        state = retrain(root=str(work), push_outputs=False, only=MAIN, return_state=True)
+        assert state.is_failed()
+        with pytest.raises(StageFailedError) as failure:
+            state.result()
+        message = str(failure.value)
+        assert boundary in message and ("validation" in message or "bogus_tag" in message), message
+        after = (_tree_digest(downstream), metrics.read_bytes(), promoted_model().tag)
+        assert after == before
+    finally:
+        target.write_text(original)
+        run_dvc(["commit", "--force", producer], work)
+    assert _stale(work) == []
+
+
 def test_evaluate_flow_on_local_dask_cluster(tiny_run, harness, tmp_path):
     from dask.distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
