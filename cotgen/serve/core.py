@@ -67,7 +67,9 @@ class VerifiedService:
         self.config = config
         self.generator = verified.generator
         self.judge = verified.judge
-        self.strategies = tuple(s for s in STRATEGIES if s == "sample" or self.judge is not None)
+        # parm_pp needs a self-correction generator, which the promoted model does not carry yet
+        self.strategies = tuple(s for s in STRATEGIES
+                                if s != "parm_pp" and (s == "sample" or self.judge is not None))
         self._lock = threading.Lock()
 
     # -- checks ---------------------------------------------------------------------------
