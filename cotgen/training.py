@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
+
+
+class Deadline(TrainerCallback):
+    """Stops a ``Trainer`` run after ``max_seconds`` of wall clock (None = never);
+    ``start`` is the ``time.monotonic()`` at construction."""
+
+    def __init__(self, max_seconds: float | None) -> None:
+        self.max_seconds = max_seconds
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.max_seconds is not None and time.monotonic() - self.start > self.max_seconds:
+            control.should_training_stop = True
 
 
 def training_arguments(

@@ -216,21 +216,13 @@ def train_dpo(
         and ``merge_max_abs_diff``: the largest difference of ``image_logprobs`` on the
         first pairs between the adapted model and the saved, reloaded merged generator.
     """
-    from transformers import TrainerCallback
-
-    class _Deadline(TrainerCallback):
-        def __init__(self) -> None:
-            self.start = time.monotonic()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if max_seconds is not None and time.monotonic() - self.start > max_seconds:
-                control.should_training_stop = True
+    from cotgen.training import Deadline
 
     out_dir = Path(out_dir)
     config = generator.model.config
     saved_pad = config.pad_token_id, generator.model.generation_config.pad_token_id
     args = dpo_config(out_dir, beta, loss_type, steps, batch_size, learning_rate, warmup_steps, seed, progress)
-    deadline = _Deadline()
+    deadline = Deadline(max_seconds)
     policy = ShapesGenerator(copy.deepcopy(generator.model), generator.text_tokenizer, generator.image_tokenizer,
                              generator.prompt_len)  # peft injects its layers in place: leave the caller's model alone
     trainer = build_trainer(policy, pairs, args, lora_config(lora_rank, lora_alpha, target_modules), heldout,

@@ -214,15 +214,7 @@ def finetune_vlm_judge(
     """
     import time
 
-    from transformers import TrainerCallback
-
-    class _Deadline(TrainerCallback):
-        def __init__(self) -> None:
-            self.start = time.monotonic()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if max_seconds is not None and time.monotonic() - self.start > max_seconds:
-                control.should_training_stop = True
+    from cotgen.training import Deadline
 
     from datasets import Dataset
     from peft import LoraConfig
@@ -243,7 +235,7 @@ def finetune_vlm_judge(
     lora = (LoraConfig(r=lora_rank, lora_alpha=lora_alpha, target_modules=list(target_modules), lora_dropout=0.0)
             if lora_rank > 0 else None)
     judge.model.train()
-    deadline = _Deadline()
+    deadline = Deadline(max_seconds)
     trainer = SFTTrainer(model=judge.model, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=judge.processor, peft_config=lora, callbacks=[deadline])
     result = trainer.train()
