@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -139,30 +136,19 @@ def main() -> None:
         env["BENTOML_HOME"] = str(home)
     elif args.home:
         env["BENTOML_HOME"] = str(args.home)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from cotgen.serve.launch import free_port, start_server, stop_server, wait_ready
+
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkstemp(prefix="cotgen-bench-serve-", suffix=".log")[1])
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "cotgen.serve.service:Cotgen", "--port",
-                             str(port)], cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = start_server(env, port, log)
     import httpx
 
     try:
-        t0 = time.perf_counter()
-        while True:
-            if proc.poll() is not None:
-                sys.exit(f"bentoml serve exited ({proc.returncode}); log {log}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > 300:
-                sys.exit(f"bentoml serve not ready after 300 s; log {log}")
-            time.sleep(0.5)
-        ready_s = time.perf_counter() - t0
+        try:
+            ready_s = wait_ready(proc, url, log, timeout=300)
+        except RuntimeError as e:
+            sys.exit(str(e))
         info = httpx.post(f"{url}/info", json={}, timeout=30).json()
         rss_before = rss_mb(proc.pid)
         print(f"model {info['tag']} (promoted strategy {info['strategy']}), ready in {ready_s:.1f} s, "
@@ -179,12 +165,7 @@ def main() -> None:
                       flush=True)
         rss_after = rss_mb(proc.pid)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
 
     print()
     print(f"| strategy | n | concurrency | requests | errors | p50 (s) | p95 (s) | throughput (req/s) |")

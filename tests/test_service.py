@@ -13,11 +13,8 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,35 +22,13 @@ import httpx
 import pytest
 from PIL import Image
 
+from cotgen.serve.launch import free_port, start_server, stop_server, wait_ready
 from tests.conftest import REPO
 
 MAX_N = 4
 PROMPT = "a photo of a red circle"
 SERVE_PARAMS = {"serve": {"max_n": MAX_N, "max_prompt_chars": 120, "max_cfg_scale": 10.0,
                           "max_upload_bytes": 200_000, "request_timeout": 60, "max_concurrency": 16}}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(env: dict, port: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "cotgen.serve.service:Cotgen", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -78,26 +53,18 @@ def server(promoted, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "params.yaml").write_text(yaml.safe_dump(SERVE_PARAMS))
     env = {**os.environ, "COTGEN_PARAMS": str(tmp / "params.yaml")}
-    port = _free_port()
+    port = free_port()
     log = tmp / "server.log"
-    proc = _start(env, port, log)
+    proc = start_server(env, port, log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited ({proc.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready after 180 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        try:
+            wait_ready(proc, url, log, timeout=180)
+        except RuntimeError as e:
+            pytest.fail(str(e))
         yield url
     finally:
-        _stop(proc)
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -308,11 +275,11 @@ def test_concurrent_requests(server):
 def test_startup_without_promoted_model_says_how_to_make_one(tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "empty-store")}
     log = tmp_path / "server.log"
-    proc = _start(env, _free_port(), log)
+    proc = start_server(env, free_port(), log)
     try:
         proc.wait(120)
     except subprocess.TimeoutExpired:
-        _stop(proc)
+        stop_server(proc)
         pytest.fail(f"bentoml serve kept running without a promoted model:\n{log.read_text()[-3000:]}")
     out = log.read_text()
     assert proc.returncode != 0
