@@ -82,8 +82,8 @@ def tiny_janus(seed: int = 0, image_size: int = 32, patch_size: int = 4, hidden_
     samples depend on the prompt."""
     import math
 
-    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor,
-                              JanusVisionConfig, JanusVQVAEConfig, LlamaConfig)
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusProcessor, JanusVisionConfig,
+                              JanusVQVAEConfig, LlamaConfig)
 
     from cotgen.real.janus import JanusGenerator
 
@@ -107,9 +107,67 @@ def tiny_janus(seed: int = 0, image_size: int = 32, patch_size: int = 4, hidden_
     model = JanusForConditionalGeneration(config).eval()
     with torch.no_grad():
         model.model.generation_head.vision_head.weight.mul_(sharpen)
-    processor = JanusProcessor(image_processor=JanusImageProcessorPil(size={"height": image_size, "width": image_size}),
+    processor = JanusProcessor(image_processor=_janus_image_processor(image_size),
                                tokenizer=tok, chat_template=JANUS_CHAT_TEMPLATE, num_image_tokens=grid * grid)
     return JanusGenerator(model, processor)
+
+
+#: Janus-Pro language-model sizes (DeepSeek-LLM backbones; vocabulary 102,400, 384x384
+#: images as 24x24 codes of a 16,384-entry VQ codebook; the SigLIP-L understanding tower
+#: and the VQ model are the same for both)
+JANUS_PRO_ARCHITECTURES = {
+    "janus-pro-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16),
+    "janus-pro-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=30, num_attention_heads=32),
+}
+
+
+def random_janus_pro(arch: str = "janus-pro-1b", device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                     seed: int = 0):
+    """A :class:`~cotgen.real.janus.JanusGenerator` over a *randomly initialised*
+    ``JanusForConditionalGeneration`` with Janus-Pro's architecture (``arch``: a key of
+    :data:`JANUS_PRO_ARCHITECTURES`), built directly on ``device`` in ``dtype``. Its
+    speed and memory are the real model's; its images are noise. For throughput
+    measurements (benchmarks/bench_janus_gpu.py) without the weights.
+
+    Raises:
+        KeyError: unknown ``arch``.
+    """
+    from transformers import (JanusConfig, JanusForConditionalGeneration, JanusProcessor, JanusVisionConfig,
+                              JanusVQVAEConfig, LlamaConfig)
+
+    from cotgen.real.janus import JanusGenerator
+
+    if arch not in JANUS_PRO_ARCHITECTURES:
+        raise KeyError(f"unknown Janus-Pro architecture {arch!r}; expected one of {list(JANUS_PRO_ARCHITECTURES)}")
+    size = JANUS_PRO_ARCHITECTURES[arch]
+    tok = byte_tokenizer(JANUS_SPECIALS, extra_words=["<|User|>", "<|Assistant|>"], bos=True)
+    hidden = size["hidden_size"]
+    config = JanusConfig(
+        text_config=LlamaConfig(vocab_size=102400, num_key_value_heads=size["num_attention_heads"],
+                                max_position_embeddings=16384, pad_token_id=tok.pad_token_id,
+                                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **size),
+        vision_config=JanusVisionConfig(projection_dim=hidden),
+        vq_config=JanusVQVAEConfig(projection_dim=hidden, image_token_embed_dim=hidden),
+        image_token_id=tok.convert_tokens_to_ids(JANUS_SPECIALS["image_token"]),
+    )
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = JanusForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    processor = JanusProcessor(image_processor=_janus_image_processor(384), tokenizer=tok,
+                               chat_template=JANUS_CHAT_TEMPLATE, num_image_tokens=576)
+    return JanusGenerator(model, processor)
+
+
+def _janus_image_processor(size: int):
+    import transformers
+
+    cls = getattr(transformers, "JanusImageProcessorPil", None) or transformers.JanusImageProcessor
+    return cls(size={"height": size, "width": size})
 
 
 # ---------------------------------------------------------------------------- judges
