@@ -180,6 +180,44 @@ DEFAULT_CORRECTOR = Path("data/reflect/corrector")
 DEFAULT_REFLECTIVE_JUDGE = Path("data/reflect/judge")
 
 
+def _generation_models(world: Optional[str], params: Path, strategy: str, generator: Path, judge: Path, n: int,
+                       cfg_scale: Optional[float], temperature: Optional[float], top_k: Optional[int], seed: int):
+    """``generate``'s models for its world: ``(generator, load_reward (called only by the
+    strategies that judge), SamplingConfig, SearchConfig thresholds)``. ``world`` None reads
+    ``real.world`` of ``params`` (shapes without a params file). coco: the models of ``real:``
+    (:mod:`cotgen.real.config`, ``source: tiny`` included); exits with a message for an
+    unknown world, parm_pp in coco, or a missing model."""
+    from dataclasses import replace
+
+    from cotgen.real.config import WORLDS, RealConfig
+
+    if world is not None and world not in WORLDS:
+        _fail(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
+    p = {} if world == "shapes" or (world is None and not params.is_file()) else _load_params(params, None)
+    try:
+        cfg = RealConfig.from_params({**p, "real": {**(p.get("real") or {}), **({"world": world} if world else {})}})
+    except ValueError as e:
+        _fail(str(e))
+    if not cfg.is_real:
+        from cotgen.reward.object_judge import ObjectJudge
+
+        config = _sampling_config(n, 2.0 if cfg_scale is None else cfg_scale,
+                                  1.0 if temperature is None else temperature, 0 if top_k is None else top_k, seed)
+        return _load_generator(generator), lambda: ObjectJudge.from_pretrained(judge), config, {}
+    from cotgen.real.config import MissingModelError, load_janus, load_judge, sampling_config
+
+    if strategy == "parm_pp":
+        _fail("parm_pp needs cotgen's reflective judge and self-correction generator: shapes world only")
+    config = sampling_config(cfg, n, seed)
+    given = {"cfg_scale": cfg_scale, "temperature": temperature, "top_k": top_k}
+    config = replace(config, **{k: v for k, v in given.items() if v is not None})
+    try:
+        thresholds = {k: cfg.eval[k] for k in ("clarity_threshold", "potential_threshold")}
+        return load_janus(cfg), lambda: load_judge(cfg), config, thresholds
+    except (MissingModelError, ValueError) as e:
+        _fail(str(e))
+
+
 @app.command("generate")
 def generate(
     prompt: str = typer.Argument(..., help='e.g. "a photo of a red circle left of a blue square"'),
@@ -190,30 +228,35 @@ def generate(
     save_steps: bool = typer.Option(False, "--save-steps", help="also save every intermediate image"),
     generator: Path = typer.Option(DEFAULT_GENERATOR, "--generator"),
     judge: Path = typer.Option(DEFAULT_JUDGE, "--judge", help="reward model (strategies other than sample)"),
-    cfg_scale: float = typer.Option(2.0, "--cfg-scale", min=0.0),
-    temperature: float = typer.Option(1.0, min=1e-3),
-    top_k: int = typer.Option(0, min=0),
+    cfg_scale: Optional[float] = typer.Option(None, "--cfg-scale", min=0.0,
+                                             help="default 2.0 (shapes), real.generator's (coco)"),
+    temperature: Optional[float] = typer.Option(None, min=1e-3, help="default 1.0 (shapes), real.generator's (coco)"),
+    top_k: Optional[int] = typer.Option(None, min=0, help="default 0 (shapes), real.generator's (coco)"),
     seed: int = typer.Option(0),
     corrector: Path = typer.Option(DEFAULT_CORRECTOR, "--corrector", help="parm_pp: self-correction generator"),
     max_rounds: int = typer.Option(3, "--max-rounds", min=1, help="parm_pp: most generation rounds"),
+    world: Optional[str] = typer.Option(None, "--world", help="shapes (the models under data/) or coco (the real "
+                                        "models of params real:); default: params real.world"),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="its real: section (world, coco models)"),
 ) -> None:
     """Generate N candidates for one prompt; writes PNGs, a grid (candidates x steps; cut
     paths end where they were cut, the chosen one is starred) and, for a search, trace.json.
     parm_pp (``--judge`` a reflective judge, ``--corrector``): the grid has every round's
     candidates (rows ``r<round>``), ``round<k>.png`` each round's chosen image, and the
-    reflections are printed and in trace.json."""
+    reflections are printed and in trace.json. ``--world coco``: Janus-Pro and the VLM judge
+    of params.yaml's ``real:`` (its sampling knobs unless given here, ``real.eval``'s PARM
+    thresholds; not parm_pp)."""
     from cotgen.generator.grid import image_grid
-    from cotgen.generator.sampling import StepwiseSampler
-    from cotgen.search import STRATEGIES, SearchConfig, search
+    from cotgen.search import STRATEGIES, SearchConfig, search, stepwise_sampler
 
     if strategy not in STRATEGIES:
         _fail(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    gen = _load_generator(generator)
-    config = _sampling_config(n, cfg_scale, temperature, top_k, seed)
+    gen, load_reward, config, thresholds = _generation_models(world, params, strategy, generator, judge, n,
+                                                              cfg_scale, temperature, top_k, seed)
     out.mkdir(parents=True, exist_ok=True)
     if strategy == "sample":
         try:
-            sampler = StepwiseSampler(gen, [prompt], config)
+            sampler = stepwise_sampler(gen, [prompt], config)
         except ValueError as e:
             _fail(str(e))
         columns = []
@@ -252,11 +295,9 @@ def generate(
         result.image.save(out / "chosen.png")
         (out / "trace.json").write_text(json.dumps(result.trace(), indent=2) + "\n")
     else:
-        from cotgen.reward.object_judge import ObjectJudge
-
         try:
-            reward = ObjectJudge.from_pretrained(judge)
-            result = search(gen, reward, [prompt], config, SearchConfig(strategy), keep_steps=True)[0]
+            reward = load_reward()
+            result = search(gen, reward, [prompt], config, SearchConfig(strategy, **thresholds), keep_steps=True)[0]
         except (ValueError, FileNotFoundError) as e:
             _fail(str(e))
         rows = [result.steps[j] for j in range(n)]

@@ -323,11 +323,14 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     return summary
 
 
-def balanced_prompts(lines: Sequence[dict], num: int, seed: int) -> list[dict]:
+def balanced_prompts(lines: Sequence[dict], num: int, seed: int, at_most: bool = False) -> list[dict]:
     """``num`` metadata lines drawn without replacement, spread evenly over the tags
     present (a tag with too few lines gives all it has), in their original order. The
     training set is mostly color_attr; an unbalanced draw gave the judge almost no
-    correct images to learn from (1.5% yes, no single_object or two_object prompts)."""
+    correct images to learn from (1.5% yes, no single_object or two_object prompts).
+
+    Fewer than one line per tag still gives one per tag, unless ``at_most``: then a seeded
+    draw keeps ``num`` of them (each from another tag)."""
     rng = np.random.default_rng(seed)
     by_tag: dict[str, list[int]] = {}
     for i, m in enumerate(lines):
@@ -337,6 +340,8 @@ def balanced_prompts(lines: Sequence[dict], num: int, seed: int) -> list[dict]:
     for tag in sorted(by_tag):
         idx = by_tag[tag]
         picked += rng.choice(idx, size=min(per_tag, len(idx)), replace=False).tolist()
+    if at_most and len(picked) > num:
+        picked = rng.choice(picked, size=num, replace=False).tolist()
     return [lines[i] for i in sorted(picked)]
 
 
@@ -371,6 +376,53 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
     return metrics
 
 
+def search_eval_set(generator, judge, eval_set: Sequence[dict], sampling, config, images_per_prompt: int,
+                    batch_prompts: int, folder: Path, trace_file: Path, desc: str = "search") -> list[dict]:
+    """Run one search (:func:`cotgen.search.search`) over an evaluation set and write what
+    GenEval scores: final image ``j`` of every prompt comes from its own ``sampling.n``
+    paths with seed ``sampling.seed + 1000 j``; prompts go ``batch_prompts`` at a time.
+
+    Writes the GenEval folder ``folder`` (``<index>/metadata.jsonl``, ``samples/NNNN.png``
+    at the generator's image size; replaced only when complete) and ``trace_file`` (JSON
+    lines: ``index``, ``image`` and :meth:`SearchResult.trace`, with per-path cuts, image
+    tokens and forward passes). Returns the trace lines.
+
+    Raises:
+        ValueError: a bad knob or prompt (from :func:`cotgen.search.search`).
+    """
+    import json
+    from dataclasses import replace
+
+    from tqdm import tqdm
+
+    from cotgen.search import search
+
+    images: list[list] = [[] for _ in eval_set]
+    traces = []
+    for rep in tqdm(range(images_per_prompt), desc=f"{desc} (N={sampling.n})"):
+        rep_sampling = replace(sampling, seed=sampling.seed + 1000 * rep)
+        for start in range(0, len(eval_set), batch_prompts):
+            chunk = eval_set[start : start + batch_prompts]
+            for i, r in enumerate(search(generator, judge, [m["prompt"] for m in chunk], rep_sampling, config)):
+                images[start + i].append(r.image)
+                traces.append({"index": start + i, "image": rep, **r.trace()})
+    tmp = _tmp_dir(folder)
+    write_folder(tmp, eval_set, lambda i, m: images[i])
+    _replace_dir(tmp, folder)
+    _mkparent(trace_file).write_text("".join(json.dumps(t) + "\n" for t in traces))
+    return traces
+
+
+def search_metrics(strategy: str, n: int, traces: Sequence[dict]) -> dict:
+    """A search's keys of a GenEval metrics file, from its trace lines: ``n``,
+    ``strategy``, ``image_tokens_per_image`` (mean image tokens generated per final image,
+    cut paths included), ``judge_calls_per_image``, ``seconds_per_image`` (wall time)."""
+    return {"n": n, "strategy": strategy,
+            "image_tokens_per_image": float(np.mean([t["compute"]["image_tokens"] for t in traces])),
+            "judge_calls_per_image": float(np.mean([t["compute"]["judge_calls"] for t in traces])),
+            "seconds_per_image": float(np.mean([t["compute"]["seconds"] for t in traces]))}
+
+
 def run_search_eval(
     params: dict, root: Path, strategy: str, n: int, name: str | None = None, images_per_prompt: int | None = None
 ) -> dict:
@@ -378,13 +430,9 @@ def run_search_eval(
     final images per prompt, each from its own N paths) and score it; writes
     ``data/samples/<name>``, ``data/results/<name>.jsonl``, ``data/traces/<name>.jsonl``,
     ``metrics/geneval_<name>.json`` (with ``image_tokens_per_image``) and its plot."""
-    import json
-
-    from tqdm import tqdm
-
     from cotgen.generator.model import ShapesGenerator
     from cotgen.reward.object_judge import ObjectJudge
-    from cotgen.search import SearchConfig, search
+    from cotgen.search import SearchConfig
     from cotgen.world.detector import ShapesDetector
 
     name = name or strategy
@@ -395,30 +443,12 @@ def run_search_eval(
     k = images_per_prompt or params["evaluation"]["images_per_prompt"]
     se = params["search"]
     config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"])
-    images: list[list] = [[] for _ in eval_set]
-    traces, tokens = [], []
-    for rep in tqdm(range(k), desc=f"{name} (N={n})"):
-        sampling = sampling_config(params, n)
-        sampling.seed = sampling.seed + 1000 * rep
-        for start in range(0, len(eval_set), se["batch_prompts"]):
-            chunk = eval_set[start : start + se["batch_prompts"]]
-            for i, r in enumerate(search(generator, judge, [m["prompt"] for m in chunk], sampling, config)):
-                images[start + i].append(r.image)
-                tokens.append(r.compute["image_tokens"])
-                traces.append({"index": start + i, "image": rep, **r.trace()})
     final = root / "data/samples" / name
-    tmp = _tmp_dir(final)
-    write_folder(tmp, eval_set, lambda i, m: images[i])
-    _replace_dir(tmp, final)
-    trace_file = _mkparent(root / "data/traces" / f"{name}.jsonl")
-    trace_file.write_text("".join(json.dumps(t) + "\n" for t in traces))
+    traces = search_eval_set(generator, judge, eval_set, sampling_config(params, n), config, k, se["batch_prompts"],
+                             final, root / "data/traces" / f"{name}.jsonl", desc=name)
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     results, summary = score_folder(final, detector, metadata_file=root / PATHS["eval_prompts"])
-    summary["n"] = n
-    summary["strategy"] = strategy
-    summary["image_tokens_per_image"] = float(np.mean(tokens))
-    summary["judge_calls_per_image"] = float(np.mean([t["compute"]["judge_calls"] for t in traces]))
-    summary["seconds_per_image"] = float(np.mean([t["compute"]["seconds"] for t in traces]))
+    summary.update(search_metrics(strategy, n, traces))
     write_results(_mkparent(root / "data/results" / f"{name}.jsonl"), results)
     write_summary(root / f"metrics/geneval_{name}.json", summary)
     plot_tags(root / f"plots/geneval_{name}.png", summary, title=f"GenEval-Shapes, {strategy} (N={n})")
@@ -447,8 +477,8 @@ def plot_search_curves(root: Path = Path("."), out_dir: Path = Path("plots")) ->
     points: dict[str, list[tuple[int, float, float]]] = {}
     for f in sorted((root / "metrics").glob("geneval_*.json")):
         m = json.loads(f.read_text())
-        if "strategy" not in m and f.stem != "geneval_baseline":
-            continue
+        if ("strategy" not in m and f.stem != "geneval_baseline") or m.get("world", "shapes") != "shapes":
+            continue  # not a shapes search (real GenEval's metrics say world: coco)
         strategy = m.get("strategy", "sample")
         tokens = m.get("image_tokens_per_image", 256.0)
         points.setdefault(strategy, []).append((int(m.get("n", 1)), float(m["overall"]), float(tokens)))
@@ -665,6 +695,29 @@ STAGES.update({name: _reflect_stage(name) for name in REFLECT_STAGES})
 STAGES.update({f"table5_{row}": _reflect_stage("table5", row) for row in
                ("parm_pp_corrector_sample", "parm_pp_corrector_orm", "parm_pp_corrector_parm", "parm_pp_noreflect",
                 "parm_pp")})
+
+# --------------------------------------------------------------- real GenEval (real/dvc.yaml, on demand)
+
+#: search strategies of the real world's stages ``coco_search_<s>`` / ``coco_score_<s>``
+#: (cotgen/pipeline/coco.py); they need ``real.world: coco``.
+COCO_STRATEGIES = ("sample", "best_of_n", "parm")
+
+
+def _coco_stage(name: str, strategy: str | None = None):
+    def run(params: dict, root: Path = Path(".")) -> dict:
+        from cotgen.pipeline import coco
+
+        fn = getattr(coco, f"stage_{name}")
+        return fn(params, Path(root)) if strategy is None else fn(params, Path(root), strategy)
+
+    run.__doc__ = f"Real GenEval stage {name}" + (f" ({strategy})" if strategy else "") + " (see cotgen.pipeline.coco)."
+    return run
+
+
+STAGES["coco_prompts"] = _coco_stage("coco_prompts")
+for _s in COCO_STRATEGIES:
+    STAGES.update({f"coco_search_{_s}": _coco_stage("coco_search", _s),
+                   f"coco_score_{_s}": _coco_stage("coco_score", _s)})
 
 
 def run_stage(name: str, params: dict, root: Path = Path(".")) -> dict:

@@ -11,7 +11,8 @@ Kinds and the formats they check (row labels in messages in brackets):
 - ``prompts``: GenEval metadata JSONL (``cotgen.geneval.metadata``). Table ``prompts``
   [``line N``]: valid JSON and GenEval schema, tag one of GenEval's six, non-blank
   prompt, unique prompts, a non-empty ``include``. Table ``requirements`` [``line N
-  include[i]``]: class in the world's shapes, count 1..5 (exclude counts run one past
+  include[i]``]: class in the world's shapes (or ``classnames``: GenEval's 80 for real
+  GenEval), count 1..5 (exclude counts run one past
   the largest count), colour one of the ten, relation one of the four, a position
   pointing to an earlier include.
 - ``samples``: a GenEval folder (``cotgen.geneval.layout``): ``<5-digit
@@ -52,7 +53,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,9 +106,9 @@ def _jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _metadata_error(meta: object) -> str | None:
+def _metadata_error(meta: object, classnames=SHAPES) -> str | None:
     try:
-        validate_metadata(meta, classnames=SHAPES)
+        validate_metadata(meta, classnames=classnames)
     except MetadataError as e:
         return str(e).removeprefix("<metadata>: ")
     return None
@@ -157,13 +158,14 @@ def _token_expectations(gxe, vocab: int | None) -> list:
 
 def _prompts(path: Path, opts: dict) -> list[Table]:
     gxe = _gxe()
+    classnames = list(opts.get("classnames") or SHAPES)
     rows, reqs = [], []
     for rec in _jsonl(path):
         m = rec["value"] or {}
         include = m.get("include")
         rows.append({"row": rec["row"], "tag": m.get("tag"), "prompt": _str(m.get("prompt")),
                      "n_include": len(include) if isinstance(include, list) else 0,
-                     "error": rec["json_error"] or (_metadata_error(m) if rec["value"] is not None else None)})
+                     "error": rec["json_error"] or (_metadata_error(m, classnames) if rec["value"] is not None else None)})
         for section in ("include", "exclude"):
             items = m.get(section)
             for i, r in enumerate(items if isinstance(items, list) else []):
@@ -186,7 +188,7 @@ def _prompts(path: Path, opts: dict) -> list[Table]:
     ])
     frame = pd.DataFrame(reqs, columns=["row", "index", "class", "count", "color", "relation", "position_ref"])
     requirements = Table("requirements", frame.astype({"index": float, "count": float, "position_ref": float}), [
-        gxe.ExpectColumnValuesToBeInSet(column="class", value_set=list(SHAPES)),
+        gxe.ExpectColumnValuesToBeInSet(column="class", value_set=classnames),
         gxe.ExpectColumnValuesToNotBeNull(column="count"),
         gxe.ExpectColumnValuesToBeBetween(column="count", min_value=1, max_value=MAX_COUNT + 1),
         gxe.ExpectColumnValuesToBeInSet(column="color", value_set=list(COLORS)),
@@ -470,6 +472,7 @@ def validate(
     vocab_size: int | None = None,
     images_per_prompt: int | None = None,
     image_size: int | None = None,
+    classnames: Sequence[str] | None = None,
 ) -> dict:
     """Validate the artefact at ``path`` as ``kind`` (formats in the module docstring).
 
@@ -483,6 +486,8 @@ def validate(
         images_per_prompt: ``samples``: images every prompt folder must hold (default:
             the largest count found).
         image_size: ``samples``: side of the images (default: the world's, 64).
+        classnames: ``prompts``: the classes a requirement may name (default: the
+            world's shapes; real GenEval: its 80 object names).
     Returns:
         ``{"kind", "path", "success": True, "tables": {name: rows}, "expectations",
         "seconds"}``.
@@ -498,7 +503,8 @@ def validate(
     if not path.exists():
         raise FileNotFoundError(f"{kind} data not found: {path}")
     start = time.perf_counter()
-    opts = dict(root=root, vocab_size=vocab_size, images_per_prompt=images_per_prompt, image_size=image_size)
+    opts = dict(root=root, vocab_size=vocab_size, images_per_prompt=images_per_prompt, image_size=image_size,
+                classnames=classnames)
     tables = KINDS[kind](path, opts)
     total, failures = _run(kind, tables)
     report = {"kind": kind, "path": str(path), "success": not failures,

@@ -11,7 +11,9 @@
 - :mod:`cotgen.real.config`: ``params.yaml``'s ``world:`` / ``real:`` selection and
   loading from local folders or the Hugging Face cache (offline flags respected).
 - :mod:`cotgen.real.tiny`: tiny randomly initialised configs of the same classes (tests,
-  CPU smoke runs).
+  CPU smoke runs; ``source: tiny`` in ``real:``).
+
+The real world's pipeline stages are in :mod:`cotgen.pipeline.coco` (``real/dvc.yaml``).
 
 Nothing here downloads weights unless the caller's environment allows it.
 """

@@ -10,15 +10,23 @@ Loading is offline-aware: a local folder is used as it is; a hub id is looked up
 Hugging Face cache first (``HF_HUB_OFFLINE=1`` / ``TRANSFORMERS_OFFLINE=1`` forbid any
 download); a model that cannot be found raises :class:`MissingModelError`, which names
 what to fetch and where to put it.
+
+``source: tiny`` (the generator, the judge, either detector part) builds the tiny randomly
+initialised configs of :mod:`cotgen.real.tiny` instead: nothing is loaded or downloaded,
+the images are noise, and the whole coco path (``real/dvc.yaml``, ``cotgen generate
+--world coco``) runs on a CPU in seconds, for tests and smoke runs.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 WORLDS = ("shapes", "coco")
+
+#: ``source:`` value that builds a tiny random model (:mod:`cotgen.real.tiny`) instead of loading one
+TINY = "tiny"
 
 #: the paper's real-world models (README "GPU users / real models")
 DEFAULT_REAL = {
@@ -32,6 +40,10 @@ DEFAULT_REAL = {
     "judge": {"kind": "llava_onevision", "source": "llava-hf/llava-onevision-qwen2-7b-ov-hf"},
     "detector": {"mask2former": "facebook/mask2former-swin-small-coco-instance",
                  "clip": "openai/clip-vit-large-patch14"},
+    # real GenEval runs (cotgen/pipeline/coco.py, real/dvc.yaml): max_prompts null = all 553
+    # (else at most that many, spread evenly over the tags); n candidate paths per final image
+    "eval": {"max_prompts": None, "images_per_prompt": 4, "n": 20, "batch_prompts": 1, "seed": 0,
+             "clarity_threshold": 0.5, "potential_threshold": 0.5},
 }
 
 
@@ -52,6 +64,7 @@ class RealConfig:
     generator: dict = field(default_factory=lambda: dict(DEFAULT_REAL["generator"]))
     judge: dict = field(default_factory=lambda: dict(DEFAULT_REAL["judge"]))
     detector: dict = field(default_factory=lambda: dict(DEFAULT_REAL["detector"]))
+    eval: dict = field(default_factory=lambda: dict(DEFAULT_REAL["eval"]))
 
     @classmethod
     def from_params(cls, params: dict) -> RealConfig:
@@ -73,6 +86,24 @@ class RealConfig:
     @property
     def is_real(self) -> bool:
         return self.world == "coco"
+
+    def require_coco(self, what: str) -> None:
+        """Refuse ``what`` (a stage or command of the real world) outside ``real.world: coco``.
+
+        Raises:
+            ValueError: ``real.world`` is not ``coco`` (the message names the setting).
+        """
+        if not self.is_real:
+            raise ValueError(f"{what} runs real models on real GenEval and needs params.yaml `real.world: coco` "
+                             f"(it is {self.world!r}); set it, or use the shapes stages of dvc.yaml")
+
+    def at_root(self, root: str | Path) -> RealConfig:
+        """A copy whose relative ``models_dir`` and ``geneval_dir`` are taken relative to
+        ``root`` (the repository root a stage writes into) instead of the working folder."""
+        def under(p: str) -> str:
+            return p if Path(p).expanduser().is_absolute() else str(Path(root) / p)
+
+        return replace(self, models_dir=under(self.models_dir), geneval_dir=under(self.geneval_dir))
 
 
 def offline() -> bool:
@@ -130,7 +161,14 @@ def resolve_model(source: str, what: str = "model", models_dir: str | Path = "mo
 
 
 def load_janus(cfg: RealConfig, allow_download: bool | None = None):
-    """The Janus-Pro generator of ``cfg`` (:class:`cotgen.real.janus.JanusGenerator`)."""
+    """The Janus-Pro generator of ``cfg`` (:class:`cotgen.real.janus.JanusGenerator`) on
+    ``cfg.device`` in ``cfg.dtype``; ``source: tiny``: :func:`cotgen.real.tiny.tiny_janus`
+    (8x8 codes, 32x32 images).
+
+    Raises:
+        ValueError: a generator kind other than ``janus``.
+        MissingModelError: the source cannot be found (see :func:`resolve_model`).
+    """
     import torch
 
     from cotgen.real.janus import JanusGenerator
@@ -138,40 +176,75 @@ def load_janus(cfg: RealConfig, allow_download: bool | None = None):
     spec = cfg.generator
     if spec.get("kind", "janus") != "janus":
         raise ValueError(f"unknown generator kind {spec.get('kind')!r}; cotgen's real generator is 'janus'")
+    if spec["source"] == TINY:
+        from cotgen.real.tiny import tiny_janus
+
+        generator = tiny_janus()
+        generator.model.to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
+        return generator
     where = resolve_model(spec["source"], "Janus-Pro generator", cfg.models_dir, allow_download)
     return JanusGenerator.from_pretrained(where, dtype=getattr(torch, cfg.dtype), device=cfg.device)
 
 
 def load_judge(cfg: RealConfig, allow_download: bool | None = None):
-    """The VLM judge of ``cfg`` (:class:`cotgen.real.judge.PretrainedVLMJudge`)."""
+    """The VLM judge of ``cfg`` (:class:`cotgen.real.judge.PretrainedVLMJudge`) on
+    ``cfg.device`` in ``cfg.dtype``; ``source: tiny``: the tiny model of its ``kind``
+    (:func:`cotgen.real.tiny.tiny_llava_onevision`, :func:`cotgen.real.tiny.tiny_qwen2vl`).
+
+    Raises:
+        ValueError: an unknown judge kind.
+        MissingModelError: the source cannot be found (see :func:`resolve_model`).
+    """
     import torch
 
-    from cotgen.real.judge import load_vlm_judge
+    from cotgen.real.judge import JUDGE_CLASSES, PretrainedVLMJudge, load_vlm_judge
 
     spec = cfg.judge
+    if spec["source"] == TINY:
+        from cotgen.real import tiny
+
+        if spec["kind"] not in JUDGE_CLASSES:
+            raise ValueError(f"unknown judge kind {spec['kind']!r}; expected one of {sorted(JUDGE_CLASSES)}")
+        model, processor = {"llava_onevision": tiny.tiny_llava_onevision, "qwen2_vl": tiny.tiny_qwen2vl}[spec["kind"]]()
+        return PretrainedVLMJudge(model.to(device=cfg.device, dtype=getattr(torch, cfg.dtype)), processor)
     where = resolve_model(spec["source"], f"{spec['kind']} judge", cfg.models_dir, allow_download)
     return load_vlm_judge(spec["kind"], where, dtype=getattr(torch, cfg.dtype), device=cfg.device)
 
 
 def load_detector(cfg: RealConfig, allow_download: bool | None = None):
-    """The GenEval detector of ``cfg`` (:class:`cotgen.real.detector.Mask2FormerClipDetector`)."""
+    """The GenEval detector of ``cfg`` (:class:`cotgen.real.detector.Mask2FormerClipDetector`)
+    on ``cfg.device`` (float32); a part whose source is ``tiny`` is
+    :func:`cotgen.real.tiny.tiny_mask2former` / :func:`cotgen.real.tiny.tiny_clip`. Class
+    names: ``<geneval_dir>/object_names.txt``.
+
+    Raises:
+        MissingModelError: a source cannot be found (see :func:`resolve_model`).
+    """
     from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, Mask2FormerForUniversalSegmentation
 
+    from cotgen.real import tiny
     from cotgen.real.detector import ClipColorClassifier, Mask2FormerClipDetector, geneval_object_names
 
-    m2f = resolve_model(cfg.detector["mask2former"], "Mask2Former (Swin-S COCO instance) detector", cfg.models_dir,
-                        allow_download)
-    clip = resolve_model(cfg.detector["clip"], "CLIP ViT-L/14 colour classifier", cfg.models_dir, allow_download)
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(m2f).to(cfg.device)
-    clip_model = CLIPModel.from_pretrained(clip).to(cfg.device)
+    def part(source: str, what: str, build_tiny, model_class, processor_class):
+        if source == TINY:
+            model, processor = build_tiny()
+        else:
+            where = resolve_model(source, what, cfg.models_dir, allow_download)
+            model, processor = model_class.from_pretrained(where), processor_class.from_pretrained(where)
+        return model.to(cfg.device), processor
+
+    model, processor = part(cfg.detector["mask2former"], "Mask2Former (Swin-S COCO instance) detector",
+                            tiny.tiny_mask2former, Mask2FormerForUniversalSegmentation, AutoImageProcessor)
+    clip_model, clip_processor = part(cfg.detector["clip"], "CLIP ViT-L/14 colour classifier", tiny.tiny_clip,
+                                      CLIPModel, AutoProcessor)
     names = geneval_object_names(Path(cfg.geneval_dir) / "object_names.txt")
-    return Mask2FormerClipDetector(model, AutoImageProcessor.from_pretrained(m2f),
-                                   ClipColorClassifier(clip_model, AutoProcessor.from_pretrained(clip)),
+    return Mask2FormerClipDetector(model, processor, ClipColorClassifier(clip_model, clip_processor),
                                    object_names=names)
 
 
 def sampling_config(cfg: RealConfig, n: int = 1, seed: int = 0):
-    """The real generator's :class:`~cotgen.generator.sampling.SamplingConfig`."""
+    """The real generator's :class:`~cotgen.generator.sampling.SamplingConfig` (``real.generator``'s
+    ``cfg_scale``, ``temperature``, ``top_k``, ``tokens_per_step``) with ``n`` paths per prompt."""
     from cotgen.generator.sampling import SamplingConfig
 
     g = cfg.generator

@@ -1,5 +1,5 @@
 """Test-time search strategies: sample, best-of-N, step-level PRM, PARM, PARM++."""
 
-from cotgen.search.strategies import STRATEGIES, PathTrace, SearchConfig, SearchResult, search
+from cotgen.search.strategies import STRATEGIES, PathTrace, SearchConfig, SearchResult, search, stepwise_sampler
 
-__all__ = ["STRATEGIES", "PathTrace", "SearchConfig", "SearchResult", "search"]
+__all__ = ["STRATEGIES", "PathTrace", "SearchConfig", "SearchResult", "search", "stepwise_sampler"]

@@ -160,6 +160,14 @@ def _asker(judge: Judge | None):
     return ask
 
 
+def stepwise_sampler(generator, prompts: Sequence[str], config: SamplingConfig):
+    """A step-wise sampler of ``config.n`` paths per prompt: the generator's own
+    (``generator.stepwise_sampler``, e.g. :class:`cotgen.real.janus.JanusGenerator`) or a
+    :class:`StepwiseSampler`. Raises ValueError for a bad knob or prompt."""
+    make = getattr(generator, "stepwise_sampler", None)
+    return make(prompts, config) if make is not None else StepwiseSampler(generator, prompts, config)
+
+
 def search(
     generator,
     judge: Judge | None,
@@ -201,12 +209,10 @@ def search(
     n = 1 if config.strategy == "sample" else sampling.n
     cfg = SamplingConfig(**{**asdict(sampling), "n": n})
     start = time.perf_counter()
-    # a generator may bring its own step-wise sampler (the real-model adapters, cotgen/real)
-    make = getattr(generator, "stepwise_sampler", None)
     if condition is not None:
         sampler = StepwiseSampler(generator, prompts, cfg, condition=condition, null_condition=null_condition)
-    else:
-        sampler = make(prompts, cfg) if make is not None else StepwiseSampler(generator, prompts, cfg)
+    else:  # a generator may bring its own step-wise sampler (the real-model adapters, cotgen/real)
+        sampler = stepwise_sampler(generator, prompts, cfg)
     ask = _asker(judge)
     traces = [PathTrace(p.candidate) for p in sampler.paths]
     steps: dict[int, list[Image.Image]] = {p.id: [] for p in sampler.paths}
