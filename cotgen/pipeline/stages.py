@@ -168,7 +168,7 @@ def stage_tokenizer(params: dict, root: Path = Path(".")) -> dict:
     tmp = _tmp_dir(final)
     _, metrics = train_vq_tokenizer(
         tmp, steps=t["steps"], batch_size=t["batch_size"], seed=t["seed"], lr=t["lr"], edge_weight=t["edge_weight"],
-        codebook_size=t["model"]["codebook_size"], config=dict(t["model"]),
+        codebook_size=t["model"]["codebook_size"], config=dict(t["model"]), num_threads=t.get("num_threads", 1),
     )
     _replace_dir(tmp, final)
     return {k: v for k, v in metrics.items() if k != "loss_history"}
