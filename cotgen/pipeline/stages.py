@@ -25,6 +25,7 @@ from cotgen.geneval.scoring import score_folder, write_results
 #: Paths of the pipeline's artefacts, relative to the repository root.
 PATHS = {
     "eval_prompts": "data/prompts/eval.jsonl",
+    "replay_paths": "data/replay/paths.jsonl",
     "train_prompts": "data/prompts/train.jsonl",
     "detector": "data/detector",
     "gt_renders": "data/renders/ground_truth",
@@ -503,6 +504,117 @@ def plot_search_curves(root: Path = Path("."), out_dir: Path = Path("plots")) ->
     return paths
 
 
+def stage_record_paths(params: dict, root: Path = Path(".")) -> dict:
+    """All ``replay.n`` paths of every evaluation prompt to the end, with the
+    judge's clarity / potential / step scores after every step, the outcome score and
+    GenEval's verdict per final image (:func:`cotgen.search.replay.record_paths`); writes
+    ``data/replay/paths.jsonl`` (one JSON line per prompt and final image)."""
+    import json
+
+    from cotgen.generator.model import ShapesGenerator
+    from cotgen.reward.object_judge import ObjectJudge
+    from cotgen.search.replay import record_paths
+    from cotgen.world.detector import ShapesDetector
+
+    rp = params["replay"]
+    _validate("prompts", root / PATHS["eval_prompts"], root)
+    generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
+    judge = ObjectJudge.from_pretrained(root / PATHS["judge"])
+    detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+    eval_set = load_metadata(root / PATHS["eval_prompts"])
+    out = _mkparent(root / PATHS["replay_paths"])
+    tmp = out.with_suffix(".tmp")
+    n = 0
+    with tmp.open("w") as fh:
+        for record in record_paths(generator, judge, detector, eval_set, sampling_config(params, rp["n"]),
+                                   params["search"]["batch_prompts"], rp["images_per_prompt"]):
+            fh.write(json.dumps(record) + "\n")
+            n += 1
+    tmp.replace(out)
+    return {"records": n, "n": rp["n"], "images_per_prompt": rp["images_per_prompt"]}
+
+
+def stage_replay(params: dict, root: Path = Path(".")) -> dict:
+    """GenEval-Shapes of every strategy replayed from ``data/replay/paths.jsonl``
+    (:func:`cotgen.search.replay.replay_summary`): ``sample``; ``best_of_n`` and ``prm``
+    at each N of ``replay.ns``; ``parm`` at each N (the params' thresholds) and at
+    N = ``replay.n`` for each potential threshold of the sweep; ``parm_top_k`` for
+    each k. Checks the replay against the main job's PARM traces when they exist. Writes
+    ``metrics/search_replay.json`` and ``plots/search_replay.png`` (GenEval against N and
+    against image tokens per image)."""
+    import json
+
+    from cotgen.search.replay import check_against_traces, read_records, replay_summary
+
+    se, rp = params["search"], params["replay"]
+    records = read_records(root / PATHS["replay_paths"])
+    N = rp["n"]
+    thr = {"clarity_threshold": se["clarity_threshold"]}
+    rows = [replay_summary(records, "sample", 1)]
+    for n in rp["ns"]:
+        rows.append(replay_summary(records, "best_of_n", n))
+        rows.append(replay_summary(records, "prm", n))
+        rows.append(replay_summary(records, "parm", n, potential_threshold=se["potential_threshold"], **thr))
+    for t in rp["potential_thresholds"]:
+        rows.append(replay_summary(records, "parm", N, potential_threshold=t, **thr))
+    for k in rp["top_k"]:
+        rows.append(replay_summary(records, "parm_top_k", N, k=k, **thr))
+    keep = ("strategy", "n", "potential_threshold", "k", "overall", "tags", "image_tokens_per_image")
+    summary = {"records": len(records), "n": N, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
+    traces = root / "data/traces/parm.jsonl"
+    if traces.is_file():
+        lines = [json.loads(x) for x in traces.read_text().splitlines() if x.strip()]
+        lines = [t for t in lines if t["n"] <= N]
+        if lines:
+            summary["check_parm_traces"] = check_against_traces(
+                records, lines, "parm", potential_threshold=se["potential_threshold"], **thr)
+    write_summary(root / "metrics/search_replay.json", summary)
+    _plot_replay(root / "plots/search_replay.png", summary)
+    return {k: v for k, v in summary.items() if k != "rows"}
+
+
+def _plot_replay(path: Path, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {"best_of_n": "o-", "prm": "s-", "parm": "^-"}
+    n_max = summary["n"]
+    t0 = next(r["potential_threshold"] for r in rows if r["strategy"] == "parm")  # the params' threshold
+    for strategy, style in styles.items():
+        pts = sorted({(r["n"], r["overall"], r["image_tokens_per_image"]) for r in rows if r["strategy"] == strategy
+                      and r.get("potential_threshold", t0) == t0})
+        a.plot([p[0] for p in pts], [p[1] for p in pts], style, label=strategy)
+        b.plot([p[2] for p in pts], [p[1] for p in pts], style, label=f"{strategy} (N sweep)")
+    sample = next(r for r in rows if r["strategy"] == "sample")
+    a.axhline(sample["overall"], color="grey", ls=":", label="sample")
+    sweep = sorted((r["image_tokens_per_image"], r["overall"], r["potential_threshold"]) for r in rows
+                   if r["strategy"] == "parm" and r["n"] == n_max)
+    b.plot([p[0] for p in sweep], [p[1] for p in sweep], "v--", color="C3", label=f"parm N={n_max}, threshold sweep")
+    for x, y, t in sweep:
+        b.annotate(f"{t:g}", (x, y), fontsize=7, xytext=(2, -8), textcoords="offset points")
+    topk = sorted((r["image_tokens_per_image"], r["overall"], r["k"]) for r in rows if r["strategy"] == "parm_top_k")
+    if topk:
+        b.plot([p[0] for p in topk], [p[1] for p in topk], "D--", color="C4", label=f"parm top-k, N={n_max}")
+        for x, y, k in topk:
+            b.annotate(f"k={k}", (x, y), fontsize=7, xytext=(2, 4), textcoords="offset points")
+    a.set_xscale("log", base=2)
+    a.set_xlabel("N (candidate paths per image)")
+    b.set_xlabel("image tokens generated per final image")
+    for ax in (a, b):
+        ax.set_ylabel("GenEval-Shapes overall")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Search strategies replayed from {summary['records']} recorded prompts x {n_max} paths")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def stage_search_parm(params: dict, root: Path = Path(".")) -> dict:
     """The promoted configuration: PARM search at ``search.n`` on the evaluation set,
     ``search.images_per_prompt`` final images per prompt (default: GenEval's 4)."""
@@ -681,6 +793,8 @@ STAGES = {
     "trajectories": stage_trajectories,
     "judge": stage_judge,
     "search_parm": stage_search_parm,
+    "record_paths": stage_record_paths,
+    "replay": stage_replay,
     "gate": stage_gate,
     "package": stage_package,
 }

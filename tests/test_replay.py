@@ -1,0 +1,85 @@
+"""Search strategies replayed from one recording of all N paths (cotgen/search/replay.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from cotgen.search.replay import read_records, replay
+
+#: three paths, four steps of four tokens; scores after steps 1-3
+RECORD = {"num_steps": 4, "tokens_per_step": 4, "paths": [
+    {"candidate": 0, "clarity": [0.1, 0.9, 0.9], "potential": [0.0, 0.1, 0.0], "step": [0.9, 0.1, 0.5],
+     "outcome": 0.4, "correct": False},
+    {"candidate": 1, "clarity": [0.6, 0.9, 0.9], "potential": [0.7, 0.9, 0.0], "step": [0.2, 0.9, 0.5],
+     "outcome": 0.9, "correct": True},
+    {"candidate": 2, "clarity": [0.1, 0.2, 0.9], "potential": [0.0, 0.0, 0.3], "step": [0.5, 0.5, 0.5],
+     "outcome": 0.95, "correct": False},
+]}
+
+
+def test_replay_rules_on_a_scripted_record():
+    assert replay(RECORD, "sample", 3) == {"chosen": 0, "correct": False, "image_tokens": 16, "cut": {}}
+    assert replay(RECORD, "best_of_n", 3)["chosen"] == 2
+    assert replay(RECORD, "best_of_n", 2) == {"chosen": 1, "correct": True, "image_tokens": 32, "cut": {}}
+    # PRM halves by step score: path 1 out after step 1, path 0 after step 2
+    assert replay(RECORD, "prm", 3) == {"chosen": 2, "correct": False, "image_tokens": 4 + 8 + 16, "cut": {1: 1, 0: 2}}
+    # PARM: path 1 clear at step 1 with potential; 0 clear at 2 without (cut); 2 clear at 3 without (cut)
+    assert replay(RECORD, "parm", 3) == {"chosen": 1, "correct": True, "image_tokens": 8 + 16 + 12, "cut": {0: 2, 2: 3}}
+    # a threshold nobody passes: the last path standing is kept (lowest P(no)) and finishes
+    strict = replay(RECORD, "parm", 3, potential_threshold=0.99)
+    assert strict["cut"] == {1: 1, 0: 2} and strict["chosen"] == 2 and strict["image_tokens"] == 4 + 8 + 16
+    assert replay(RECORD, "parm_top_k", 3, k=1)["cut"] == {0: 2, 2: 3}
+    with pytest.raises(ValueError, match="n must be in"):
+        replay(RECORD, "best_of_n", 4)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        replay(RECORD, "beam", 3)
+
+
+def test_replay_matches_the_real_search(tiny_run, tmp_path):
+    """One recording replays sample / best_of_n / prm / parm exactly as search() runs them
+    (same chosen candidate, same image tokens), and the replay stage agrees with the
+    pipeline's own PARM traces."""
+    from cotgen.generator.model import ShapesGenerator
+    from cotgen.geneval.metadata import load_metadata
+    from cotgen.pipeline.stages import PATHS, run_stage, sampling_config
+    from cotgen.reward.object_judge import ObjectJudge
+    from cotgen.search import SearchConfig, search
+
+    src, params, _ = tiny_run
+    root = tmp_path / "root"
+    shutil.copytree(src, root)
+    out = run_stage("record_paths", params, root)
+    records = read_records(root / PATHS["replay_paths"])
+    n = params["replay"]["n"]
+    assert out["records"] == len(records) > 0 and all(len(r["paths"]) == n for r in records)
+    assert all(len(p["clarity"]) == r["num_steps"] - 1 for r in records for p in r["paths"])
+
+    generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
+    judge = ObjectJudge.from_pretrained(root / PATHS["judge"])
+    prompts = [m["prompt"] for m in load_metadata(root / PATHS["eval_prompts"])]
+    potentials = sorted(p["potential"][0] for r in records for p in r["paths"])
+    middle = potentials[len(potentials) // 2]  # cuts about half the paths clear after step 1
+    cases = [("best_of_n", {}), ("prm", {}), ("parm", {"potential_threshold": middle}),
+             ("parm", {"potential_threshold": 0.0})]
+    cut_any = False
+    for strategy, knobs in cases:
+        config = SearchConfig(strategy, clarity_threshold=0.0, **knobs)
+        results = search(generator, judge, prompts, sampling_config(params, n), config)
+        for r, rec in zip(results, records):
+            rep = replay(rec, strategy, n, clarity_threshold=0.0, **knobs)
+            assert rep["chosen"] == r.chosen, (strategy, knobs, r.prompt)
+            assert rep["image_tokens"] == r.compute["image_tokens"], (strategy, knobs, r.prompt)
+            cut_any |= bool(rep["cut"])
+    assert cut_any  # the comparison covered cut paths
+
+    summary = run_stage("replay", params, root)
+    assert summary["check_parm_traces"]["same_choice"] == 1.0
+    assert summary["check_parm_traces"]["same_tokens"] == 1.0
+    metrics = json.loads((root / "metrics/search_replay.json").read_text())
+    strategies = {row["strategy"] for row in metrics["rows"]}
+    assert strategies == {"sample", "best_of_n", "prm", "parm", "parm_top_k"}
+    assert all(0 <= row["overall"] <= 1 for row in metrics["rows"])
+    assert (root / "plots/search_replay.png").stat().st_size > 0
