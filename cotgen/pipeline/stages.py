@@ -504,11 +504,20 @@ def plot_search_curves(root: Path = Path("."), out_dir: Path = Path("plots")) ->
     return paths
 
 
-def stage_record_paths(params: dict, root: Path = Path(".")) -> dict:
+def _replay_names(variant: str | None) -> tuple[str, str, str]:
+    """(generator key, records file, metrics name) of the main generator or an align variant."""
+    if variant is None:
+        return "generator", PATHS["replay_paths"], "search_replay"
+    return f"{variant}_generator", f"data/replay/{variant}.jsonl", f"search_replay_{variant}"
+
+
+def stage_record_paths(params: dict, root: Path = Path("."), variant: str | None = None) -> dict:
     """All ``replay.n`` paths of every evaluation prompt to the end, with the
     judge's clarity / potential / step scores after every step, the outcome score and
     GenEval's verdict per final image (:func:`cotgen.search.replay.record_paths`); writes
-    ``data/replay/paths.jsonl`` (one JSON line per prompt and final image)."""
+    ``data/replay/paths.jsonl`` (one JSON line per prompt and final image), or
+    ``data/replay/<variant>.jsonl`` for an aligned generator (``variant`` of
+    :data:`ALIGN_VARIANTS`)."""
     import json
 
     from cotgen.generator.model import ShapesGenerator
@@ -518,11 +527,12 @@ def stage_record_paths(params: dict, root: Path = Path(".")) -> dict:
 
     rp = params["replay"]
     _validate("prompts", root / PATHS["eval_prompts"], root)
-    generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
+    key, records_file, _ = _replay_names(variant)
+    generator = ShapesGenerator.from_pretrained(root / PATHS[key])
     judge = ObjectJudge.from_pretrained(root / PATHS["judge"])
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
     eval_set = load_metadata(root / PATHS["eval_prompts"])
-    out = _mkparent(root / PATHS["replay_paths"])
+    out = _mkparent(root / records_file)
     tmp = out.with_suffix(".tmp")
     n = 0
     with tmp.open("w") as fh:
@@ -534,20 +544,21 @@ def stage_record_paths(params: dict, root: Path = Path(".")) -> dict:
     return {"records": n, "n": rp["n"], "images_per_prompt": rp["images_per_prompt"]}
 
 
-def stage_replay(params: dict, root: Path = Path(".")) -> dict:
+def stage_replay(params: dict, root: Path = Path("."), variant: str | None = None) -> dict:
     """GenEval-Shapes of every strategy replayed from ``data/replay/paths.jsonl``
     (:func:`cotgen.search.replay.replay_summary`): ``sample``; ``best_of_n`` and ``prm``
     at each N of ``replay.ns``; ``parm`` at each N (the params' thresholds) and at
     N = ``replay.n`` for each potential threshold of the sweep; ``parm_top_k`` for
     each k. Checks the replay against the main job's PARM traces when they exist. Writes
     ``metrics/search_replay.json`` and ``plots/search_replay.png`` (GenEval against N and
-    against image tokens per image)."""
+    against image tokens per image); ``..._<variant>`` for an aligned generator."""
     import json
 
     from cotgen.search.replay import check_against_traces, read_records, replay_summary
 
     se, rp = params["search"], params["replay"]
-    records = read_records(root / PATHS["replay_paths"])
+    _, records_file, name = _replay_names(variant)
+    records = read_records(root / records_file)
     N = rp["n"]
     thr = {"clarity_threshold": se["clarity_threshold"]}
     rows = [replay_summary(records, "sample", 1)]
@@ -562,14 +573,15 @@ def stage_replay(params: dict, root: Path = Path(".")) -> dict:
     keep = ("strategy", "n", "potential_threshold", "k", "overall", "tags", "image_tokens_per_image")
     summary = {"records": len(records), "n": N, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
     traces = root / "data/traces/parm.jsonl"
-    if traces.is_file():
+    if variant is None and traces.is_file():
         lines = [json.loads(x) for x in traces.read_text().splitlines() if x.strip()]
         lines = [t for t in lines if t["n"] <= N]
         if lines:
             summary["check_parm_traces"] = check_against_traces(
                 records, lines, "parm", potential_threshold=se["potential_threshold"], **thr)
-    write_summary(root / "metrics/search_replay.json", summary)
-    _plot_replay(root / "plots/search_replay.png", summary)
+    summary["generator"] = variant or "generator"
+    write_summary(root / f"metrics/{name}.json", summary)
+    _plot_replay(root / f"plots/{name}.png", summary)
     return {k: v for k, v in summary.items() if k != "rows"}
 
 
@@ -608,7 +620,8 @@ def _plot_replay(path: Path, summary: dict) -> None:
         ax.set_ylabel("GenEval-Shapes overall")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Search strategies replayed from {summary['records']} recorded prompts x {n_max} paths")
+    fig.suptitle(f"Search strategies replayed ({summary.get('generator', 'generator')}): "
+                 f"{summary['records']} recorded prompts x {n_max} paths")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -802,7 +815,9 @@ STAGES = {
 for _v in ALIGN_VARIANTS:
     STAGES.update({f"pairs_{_v}": partial(stage_pairs, variant=_v), _v: partial(stage_dpo, variant=_v),
                    f"sample_{_v}": partial(stage_sample_baseline, generator_key=f"{_v}_generator", name=_v),
-                   f"score_{_v}": partial(stage_score_variant, variant=_v)})
+                   f"score_{_v}": partial(stage_score_variant, variant=_v),
+                   f"record_paths_{_v}": partial(stage_record_paths, variant=_v),
+                   f"replay_{_v}": partial(stage_replay, variant=_v)})
 
 
 STAGES.update({name: _reflect_stage(name) for name in REFLECT_STAGES})
