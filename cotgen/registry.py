@@ -50,8 +50,18 @@ class VerifiedGenerator:
             without a judge).
         sampling: :class:`cotgen.generator.sampling.SamplingConfig` (its ``n`` = N).
         search: :class:`cotgen.search.SearchConfig` (strategy and thresholds).
-        tag: the BentoML tag it was loaded from (``name:version``).
+        tag: the BentoML tag it was loaded from (``name:version``); real models:
+            ``coco:<generator>+<judge>``.
         info: the model's metadata (GenEval scores, git revision, dvc.lock hash).
+        world: ``shapes`` (from the model store) or ``coco`` (real models,
+            :func:`cotgen.real.config.verified_from_real`).
+        sources: where the generator and judge came from: ``{"generator": {"kind",
+            "source"}, "judge": {...}}``.
+
+    Both worlds' generators offer ``check_prompt``, ``max_prompt_tokens``,
+    ``image_size``, ``codebook_size``, ``grid_size`` and ``num_image_tokens``; both
+    judges ``score`` and ``required_image_size`` (None: any size), which is what the
+    service (:class:`cotgen.serve.core.VerifiedService`) relies on.
     """
 
     generator: object
@@ -60,6 +70,8 @@ class VerifiedGenerator:
     search: object
     tag: str
     info: dict = field(default_factory=dict)
+    world: str = "shapes"
+    sources: dict = field(default_factory=dict)
 
 
 def _git_revision(root: Path) -> str:
@@ -200,5 +212,8 @@ def load_verified(tag: str | None = None) -> VerifiedGenerator:
     spec = json.loads((path / VERIFIED_FILE).read_text())
     generator = ShapesGenerator.from_pretrained(path / "generator")
     judge = ObjectJudge.from_pretrained(path / "judge") if (path / "judge").is_dir() else None
+    sources = {"generator": {"kind": "shapes", "source": f"{model.tag}/generator"}}
+    if judge is not None:
+        sources["judge"] = {"kind": "object_judge", "source": f"{model.tag}/judge"}
     return VerifiedGenerator(generator, judge, SamplingConfig(**spec["sampling"]), SearchConfig(**spec["search"]),
-                             str(model.tag), dict(model.info.metadata))
+                             str(model.tag), dict(model.info.metadata), sources=sources)

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from cotgen.serve.launch import free_port, start_server, stop_server, wait_ready
+from cotgen.serve.launch import free_port, serving, start_server, stop_server
 from tests.conftest import REPO
 
 MAX_N = 4
@@ -53,18 +53,8 @@ def server(promoted, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     (tmp / "params.yaml").write_text(yaml.safe_dump(SERVE_PARAMS))
     env = {**os.environ, "COTGEN_PARAMS": str(tmp / "params.yaml")}
-    port = free_port()
-    log = tmp / "server.log"
-    proc = start_server(env, port, log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        try:
-            wait_ready(proc, url, log, timeout=180)
-        except RuntimeError as e:
-            pytest.fail(str(e))
-        yield url
-    finally:
-        stop_server(proc)
+    with serving(env, tmp / "server.log", timeout=180) as s:
+        yield s.url
 
 
 @pytest.fixture(scope="module")

@@ -96,6 +96,21 @@ class ShapesGenerator:
     def sequence_length(self) -> int:
         return self.prompt_len + 1 + self.num_image_tokens
 
+    @property
+    def image_size(self) -> int:
+        """Side of the images it makes, pixels."""
+        return int(self.image_tokenizer.config.image_size)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Most prompt tokens that fit (one per word: the prompt block)."""
+        return self.prompt_len
+
+    def check_prompt(self, prompt: str) -> None:
+        """ValueError naming the problem unless ``prompt`` fits the prompt block (words in
+        the vocabulary, at most :attr:`max_prompt_tokens`); see :meth:`encode_prompts`."""
+        self.encode_prompts([prompt])
+
     # ------------------------------------------------------------------ prompts
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Prompt blocks, ``(P, prompt_len)`` long, words left-padded with ``<pad>``.

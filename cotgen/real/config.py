@@ -160,6 +160,40 @@ def resolve_model(source: str, what: str = "model", models_dir: str | Path = "mo
     raise MissingModelError(_fetch_hint(source, models_dir, what))
 
 
+def generator_location(cfg: RealConfig, allow_download: bool | None = None) -> str:
+    """Where :func:`load_janus` loads the generator from: :data:`TINY`, or what
+    :func:`resolve_model` finds for ``real.generator.source``. Loads nothing.
+
+    Raises:
+        ValueError: a generator kind other than ``janus``.
+        MissingModelError: the source cannot be found.
+    """
+    spec = cfg.generator
+    if spec.get("kind", "janus") != "janus":
+        raise ValueError(f"unknown generator kind {spec.get('kind')!r}; cotgen's real generator is 'janus'")
+    if spec["source"] == TINY:
+        return TINY
+    return resolve_model(spec["source"], "Janus-Pro generator", cfg.models_dir, allow_download)
+
+
+def judge_location(cfg: RealConfig, allow_download: bool | None = None) -> str:
+    """Where :func:`load_judge` loads the judge from: :data:`TINY`, or what
+    :func:`resolve_model` finds for ``real.judge.source``. Loads nothing.
+
+    Raises:
+        ValueError: an unknown judge kind.
+        MissingModelError: the source cannot be found.
+    """
+    from cotgen.real.judge import JUDGE_CLASSES
+
+    spec = cfg.judge
+    if spec["kind"] not in JUDGE_CLASSES:
+        raise ValueError(f"unknown judge kind {spec['kind']!r}; expected one of {sorted(JUDGE_CLASSES)}")
+    if spec["source"] == TINY:
+        return TINY
+    return resolve_model(spec["source"], f"{spec['kind']} judge", cfg.models_dir, allow_download)
+
+
 def load_janus(cfg: RealConfig, allow_download: bool | None = None):
     """The Janus-Pro generator of ``cfg`` (:class:`cotgen.real.janus.JanusGenerator`) on
     ``cfg.device`` in ``cfg.dtype``; ``source: tiny``: :func:`cotgen.real.tiny.tiny_janus`
@@ -173,16 +207,13 @@ def load_janus(cfg: RealConfig, allow_download: bool | None = None):
 
     from cotgen.real.janus import JanusGenerator
 
-    spec = cfg.generator
-    if spec.get("kind", "janus") != "janus":
-        raise ValueError(f"unknown generator kind {spec.get('kind')!r}; cotgen's real generator is 'janus'")
-    if spec["source"] == TINY:
+    where = generator_location(cfg, allow_download)
+    if where == TINY:
         from cotgen.real.tiny import tiny_janus
 
         generator = tiny_janus()
         generator.model.to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
         return generator
-    where = resolve_model(spec["source"], "Janus-Pro generator", cfg.models_dir, allow_download)
     return JanusGenerator.from_pretrained(where, dtype=getattr(torch, cfg.dtype), device=cfg.device)
 
 
@@ -197,17 +228,15 @@ def load_judge(cfg: RealConfig, allow_download: bool | None = None):
     """
     import torch
 
-    from cotgen.real.judge import JUDGE_CLASSES, PretrainedVLMJudge, load_vlm_judge
+    from cotgen.real.judge import PretrainedVLMJudge, load_vlm_judge
 
     spec = cfg.judge
-    if spec["source"] == TINY:
+    where = judge_location(cfg, allow_download)
+    if where == TINY:
         from cotgen.real import tiny
 
-        if spec["kind"] not in JUDGE_CLASSES:
-            raise ValueError(f"unknown judge kind {spec['kind']!r}; expected one of {sorted(JUDGE_CLASSES)}")
         model, processor = {"llava_onevision": tiny.tiny_llava_onevision, "qwen2_vl": tiny.tiny_qwen2vl}[spec["kind"]]()
         return PretrainedVLMJudge(model.to(device=cfg.device, dtype=getattr(torch, cfg.dtype)), processor)
-    where = resolve_model(spec["source"], f"{spec['kind']} judge", cfg.models_dir, allow_download)
     return load_vlm_judge(spec["kind"], where, dtype=getattr(torch, cfg.dtype), device=cfg.device)
 
 
@@ -250,3 +279,50 @@ def sampling_config(cfg: RealConfig, n: int = 1, seed: int = 0):
     g = cfg.generator
     return SamplingConfig(n=n, cfg_scale=g["cfg_scale"], temperature=g["temperature"], top_k=g["top_k"], seed=seed,
                           tokens_per_step=g["tokens_per_step"])
+
+
+def check_verified_real(cfg: RealConfig, allow_download: bool | None = None) -> None:
+    """Fail fast, loading nothing, where :func:`verified_from_real` would fail: the world is
+    not coco, a generator or judge source cannot be found (:class:`MissingModelError`,
+    naming what to fetch), an unknown kind, or ``real.device`` is CUDA on a machine
+    without one (the service's start-up check).
+
+    Raises:
+        ValueError, MissingModelError: see above.
+    """
+    cfg.require_coco("serving the real models")
+    generator_location(cfg, allow_download)
+    judge_location(cfg, allow_download)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"params real.device is {cfg.device!r} but torch sees no CUDA device here; "
+                             "set real.device (e.g. cpu, with dtype float32) or run on a GPU machine")
+
+
+def verified_from_real(cfg: RealConfig, allow_download: bool | None = None):
+    """The real world's verified generator (what the service serves with ``real.world:
+    coco``): :func:`load_janus` and :func:`load_judge` of ``cfg``, sampling from
+    :func:`sampling_config` with ``real.eval``'s ``n`` and ``seed``, and a PARM search with
+    ``real.eval``'s thresholds. Its ``tag`` is ``coco:<generator>+<judge>`` (the sources'
+    last path parts), its ``sources`` the kinds and sources of ``real:``.
+
+    Returns:
+        a :class:`cotgen.registry.VerifiedGenerator` (``world`` ``coco``).
+    Raises:
+        ValueError, MissingModelError: see :func:`load_janus`, :func:`load_judge`.
+    """
+    from cotgen.registry import VerifiedGenerator
+    from cotgen.search import SearchConfig
+
+    cfg.require_coco("serving the real models")
+    e = cfg.eval
+    search = SearchConfig("parm", e["clarity_threshold"], e["potential_threshold"])
+    search.check()
+    sources = {"generator": {"kind": cfg.generator.get("kind", "janus"), "source": cfg.generator["source"]},
+               "judge": {"kind": cfg.judge["kind"], "source": cfg.judge["source"]}}
+    tag = "coco:" + "+".join(Path(s["source"]).name for s in sources.values())
+    return VerifiedGenerator(load_janus(cfg, allow_download), load_judge(cfg, allow_download),
+                             sampling_config(cfg, e["n"], e["seed"]), search, tag,
+                             info={"device": cfg.device, "dtype": cfg.dtype}, world="coco", sources=sources)

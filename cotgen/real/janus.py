@@ -93,6 +93,28 @@ class JanusGenerator:
     def dtype(self) -> torch.dtype:
         return self.model.model.generation_head.vision_head.weight.dtype
 
+    @property
+    def image_size(self) -> int:
+        """Side of the images it makes, pixels: the code grid times the VQ decoder's
+        upsampling (one doubling per level after the first; Janus-Pro: 24 x 16 = 384)."""
+        vq = self.model.config.vq_config
+        return self.grid_size * 2 ** (len(vq.channel_multiplier) - 1)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        """Most prompt tokens (chat template and ``<begin_of_image>`` included) that leave
+        room for the image's codes in the language model's positions."""
+        return int(self.model.config.get_text_config().max_position_embeddings) - self.num_image_tokens
+
+    def check_prompt(self, prompt: str) -> None:
+        """ValueError naming the problem unless ``prompt`` is non-empty and, formatted
+        (:meth:`prompt_ids`), at most :attr:`max_prompt_tokens` tokens. Any text
+        tokenizes (no out-of-vocabulary words), so there is no vocabulary check."""
+        tokens = len(self.prompt_ids([prompt])[0])
+        if tokens > self.max_prompt_tokens:
+            raise ValueError(f"prompt has {tokens} tokens (chat template included), at most "
+                             f"{self.max_prompt_tokens} fit before the {self.num_image_tokens} image codes")
+
     # ------------------------------------------------------------------ prompts
     def prompt_text(self, prompt: str) -> str:
         """The prompt as Janus-Pro reads it (its chat template, generation prompt on);

@@ -253,6 +253,11 @@ class ObjectJudge:
         self.model = model.eval()
         self.text_tokenizer = text_tokenizer
 
+    @property
+    def required_image_size(self) -> int:
+        """Side (pixels) every image it scores must have: it segments at the world's size."""
+        return int(self.model.config.image_size)
+
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Left-padded word ids ``(B, prompt_len)`` long. Raises ValueError for words
         outside the vocabulary (named) or prompts that are too long."""

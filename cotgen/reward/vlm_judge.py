@@ -62,6 +62,9 @@ class VLMJudge:
         ValueError: "yes" or "no" is not a single token of the processor's tokenizer.
     """
 
+    #: Side every image it scores must have: None, any size (its processor resizes).
+    required_image_size: int | None = None
+
     def __init__(self, model, processor) -> None:
         self.model = model.eval()
         self.processor = processor

@@ -1,9 +1,12 @@
 """Limits and server settings of the service: the ``serve:`` section of ``params.yaml``.
 
-The service reads them once, when its module is imported (``bentoml serve`` and
-``bentoml build`` both import it): from ``$COTGEN_PARAMS`` if set, else ``params.yaml`` in
+The service reads its params file once, when its module is imported (``bentoml serve``
+and ``bentoml build`` both import it): ``$COTGEN_PARAMS`` if set, else ``params.yaml`` in
 the working directory (the repository root, or the Bento's ``src/``), else the defaults
-below. Unknown keys are an error, so a typo does not silently keep a default.
+below (:func:`read_params`). Its ``serve:`` section sets the limits; its ``real:`` section
+picks the world the service answers in (``real.world: coco``: the real models of
+``real:``, see :mod:`cotgen.serve.service`). Unknown keys are an error, so a typo does not
+silently keep a default.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class ServeConfig:
 
     host: str = "127.0.0.1"
     port: int = 3000
-    max_n: int = 16
+    max_n: int = 20
     max_prompt_chars: int = 200
     max_cfg_scale: float = 20.0
     max_upload_bytes: int = 2_000_000
@@ -76,13 +79,23 @@ def serve_config(section: dict | None) -> ServeConfig:
     return ServeConfig(**typed).check()
 
 
-def load_serve_config(path: str | Path | None = None) -> ServeConfig:
-    """The ``serve:`` section of ``path`` (default: ``$COTGEN_PARAMS`` or ``./params.yaml``);
-    the defaults if there is no such file or section."""
+def params_path() -> Path:
+    """The params file the service reads: ``$COTGEN_PARAMS``, else ``./params.yaml``."""
+    return Path(os.environ.get("COTGEN_PARAMS", "params.yaml"))
+
+
+def read_params(path: str | Path | None = None) -> dict:
+    """The params file ``path`` (default: :func:`params_path`) as a dict; ``{}`` if there is
+    no such file."""
     import yaml
 
-    path = Path(path or os.environ.get("COTGEN_PARAMS", "params.yaml"))
+    path = Path(path or params_path())
     if not path.is_file():
-        return ServeConfig()
-    params = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return serve_config(params.get("serve"))
+        return {}
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def load_serve_config(path: str | Path | None = None) -> ServeConfig:
+    """The ``serve:`` section of ``path`` (default: :func:`params_path`); the defaults if
+    there is no such file or section."""
+    return serve_config(read_params(path).get("serve"))

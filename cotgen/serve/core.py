@@ -1,9 +1,13 @@
 """What the service does, without HTTP: check a request, run the search, shape the answer.
 
-:class:`VerifiedService` wraps a loaded :class:`cotgen.registry.VerifiedGenerator`. Its
-methods raise :class:`RequestError` (a ``ValueError``) for anything wrong with a request,
-with a message that names the problem; the BentoML service turns that into a 400.
-Everything else is a bug.
+:class:`VerifiedService` wraps a loaded :class:`cotgen.registry.VerifiedGenerator` of
+either world: the promoted shapes model (:func:`cotgen.registry.load_verified`) or the
+real models (:func:`cotgen.real.config.verified_from_real`). It asks the generator and
+judge what they accept (``check_prompt``, ``max_prompt_tokens``, ``codebook_size``,
+``image_size``; ``required_image_size``) instead of knowing either world. Its methods
+raise :class:`RequestError` (a ``ValueError``) for anything wrong with a request, with a
+message that names the problem; the BentoML service turns that into a 400. Everything
+else is a bug.
 """
 
 from __future__ import annotations
@@ -53,10 +57,12 @@ def decode_upload(data: bytes, max_bytes: int, what: str = "image") -> Image.Ima
 
 
 class VerifiedService:
-    """The promoted verified generator behind a lock, with request checks.
+    """A verified generator (the promoted one, or the real models) behind a lock, with
+    request checks.
 
     Args:
-        verified: a loaded :class:`cotgen.registry.VerifiedGenerator`.
+        verified: a loaded :class:`cotgen.registry.VerifiedGenerator` (or anything with its
+            attributes).
         config: the service's limits.
     """
 
@@ -75,20 +81,19 @@ class VerifiedService:
     # -- checks ---------------------------------------------------------------------------
 
     def check_prompt(self, prompt: str) -> str:
-        """The prompt, stripped; RequestError if empty, too long or outside the vocabulary."""
-        from cotgen.tokenizer.text import encode_prompt
-
+        """The prompt, whitespace collapsed; RequestError if empty, over
+        ``serve.max_prompt_chars``, or refused by the generator's ``check_prompt`` (shapes:
+        words outside the vocabulary, more words than the prompt block; coco: more tokens
+        than fit before the image)."""
         if not isinstance(prompt, str) or not prompt.strip():
             raise RequestError("prompt is empty")
         if len(prompt) > self.config.max_prompt_chars:
             raise RequestError(f"prompt has {len(prompt)} characters, at most {self.config.max_prompt_chars} are accepted")
         prompt = " ".join(prompt.split())
         try:
-            ids = encode_prompt(self.generator.text_tokenizer, prompt)
+            self.generator.check_prompt(prompt)
         except ValueError as e:
             raise RequestError(f"prompt {prompt!r}: {e}") from None
-        if len(ids) > self.generator.prompt_len:
-            raise RequestError(f"prompt has {len(ids)} words, at most {self.generator.prompt_len} fit")
         return prompt
 
     def check_strategy(self, strategy: str | None) -> str:
@@ -180,8 +185,8 @@ class VerifiedService:
         if self.judge is None:
             raise RequestError("the promoted model has no judge")
         prompt = self.check_prompt(prompt)
-        size = self.judge.model.config.image_size
-        if image.size != (size, size):
+        size = self.judge.required_image_size
+        if size is not None and image.size != (size, size):
             raise RequestError(f"expected a {size}x{size} image, got {image.size[0]}x{image.size[1]} (width x height)")
         with self._lock:
             try:
@@ -193,6 +198,8 @@ class VerifiedService:
     def info(self) -> dict:
         v = self.verified
         return {
+            "world": v.world,
+            "sources": v.sources,
             "tag": v.tag,
             "strategy": v.search.strategy,
             "strategies": list(self.strategies),
@@ -201,6 +208,7 @@ class VerifiedService:
             "metadata": v.info,
             "limits": {k: getattr(self.config, k) for k in ("max_n", "max_prompt_chars", "max_cfg_scale",
                                                              "max_upload_bytes", "request_timeout", "max_concurrency")},
-            "image_size": int(self.generator.image_tokenizer.config.image_size),
-            "prompt_words": self.generator.prompt_len,
+            "image_size": self.generator.image_size,
+            "max_prompt_tokens": self.generator.max_prompt_tokens,
+            "judge_image_size": None if self.judge is None else self.judge.required_image_size,
         }

@@ -8,6 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,3 +64,29 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+@dataclass
+class Server:
+    """A running ``bentoml serve``: its base URL, process and start-up time."""
+
+    url: str
+    proc: subprocess.Popen
+    ready_seconds: float
+
+
+@contextmanager
+def serving(env: dict, log: Path, timeout: float) -> Iterator[Server]:
+    """:func:`start_server` on a :func:`free_port`, :func:`wait_ready`, then yield the
+    :class:`Server`; :func:`stop_server` on the way out, start-up failures included.
+
+    Raises:
+        RuntimeError: see :func:`wait_ready` (the message ends with the log's tail).
+    """
+    port = free_port()
+    proc = start_server(env, port, log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield Server(url, proc, wait_ready(proc, url, log, timeout))
+    finally:
+        stop_server(proc)

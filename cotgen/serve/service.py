@@ -1,15 +1,24 @@
 """The verified generator as a BentoML service (issue 6; DESIGN section 4).
 
 Run it with ``bentoml serve`` in the repository root (``bentofile.yaml`` names
-``cotgen.serve.service:Cotgen``). At start-up it loads the promoted model,
-``cotgen-verified:latest``, from the BentoML model store; with none promoted it stops
-with :class:`cotgen.registry.NoPromotedModelError`, which says how to make one.
+``cotgen.serve.service:Cotgen``). What it serves depends on ``real.world`` in the params
+file it reads (``$COTGEN_PARAMS``, else ``./params.yaml``; :mod:`cotgen.serve.config`):
+
+- ``shapes`` (the default): the promoted model, ``cotgen-verified:latest``, from the
+  BentoML model store; with none promoted it stops at start-up with
+  :class:`cotgen.registry.NoPromotedModelError`, which says how to make one.
+- ``coco``: the real models of ``real:`` (Janus-Pro and a LLaVA-OneVision / Qwen2-VL judge,
+  :func:`cotgen.real.config.verified_from_real`): sampling knobs from ``real.generator``,
+  a PARM search with ``real.eval``'s ``n``, seed and thresholds; ``device`` and ``dtype``
+  from ``real:``. No promoted model is needed; a model that cannot be found stops it at
+  start-up with :class:`cotgen.real.config.MissingModelError` naming what to fetch.
+  ``source: tiny`` serves tiny random models (tests, smoke runs).
 
 Endpoints (all POST with a JSON body, except ``judge``, which takes multipart form data):
 
 - ``/generate``: ``prompt``, ``strategy`` (``sample``, ``best_of_n``, ``prm``, ``parm``;
-  default: the promoted one), ``n``, ``seed``, ``cfg_scale``, ``temperature``, ``top_k``
-  (defaults: the promoted model's), ``return_steps``. Answers JSON: the chosen image as a
+  default: the served model's), ``n``, ``seed``, ``cfg_scale``, ``temperature``, ``top_k``
+  (defaults: the served model's), ``return_steps``. Answers JSON: the chosen image as a
   base64 PNG, its scores, the trace (every candidate: the step at which it became clear,
   its potential, where it was cut, its outcome score, its tokens and forward passes; the
   compute spent: image tokens, forward passes, judge calls, seconds) and, with
@@ -17,9 +26,10 @@ Endpoints (all POST with a JSON body, except ``judge``, which takes multipart fo
 - ``/generate_image``: the same request, answers the chosen image as ``image/png``
   (headers ``X-Cotgen-Chosen``, ``X-Cotgen-Score``, ``X-Cotgen-Model``).
 - ``/judge``: ``prompt`` and an uploaded image file; answers the reward model's outcome
-  P(yes).
-- ``/info``: the promoted tag, its strategy and sampling settings, its GenEval metadata
-  and the service's limits.
+  P(yes) (shapes: a 64x64 image; coco: any size, the VLM's processor resizes it).
+- ``/info``: the world, the models' sources, the tag, its strategy and sampling settings,
+  its metadata (GenEval scores of a promoted model), the image sizes and the service's
+  limits.
 - BentoML's own: ``/healthz``, ``/livez``, ``/readyz``, ``/metrics`` (Prometheus),
   ``/docs.json`` (OpenAPI) and ``/`` (Swagger UI).
 
@@ -43,26 +53,31 @@ from bentoml.exceptions import InvalidArgument
 from PIL import Image
 from pydantic import BaseModel, Field
 
+from cotgen.real.config import RealConfig
 from cotgen.registry import PROMOTED_MODEL, NoPromotedModelError
 from cotgen.search import STRATEGIES
-from cotgen.serve.config import load_serve_config
+from cotgen.serve.config import read_params, serve_config
 from cotgen.serve.core import RequestError, VerifiedService, decode_upload
 from cotgen.serve.guard import RequestGuard
 
 logger = logging.getLogger("cotgen.serve")
 
-CONFIG = load_serve_config()
+PARAMS = read_params()
+CONFIG = serve_config(PARAMS.get("serve"))
+#: the world it serves: ``real.world`` (shapes: the promoted model; coco: the real models of ``real:``)
+REAL = RealConfig.from_params(PARAMS)
 
 #: Every strategy cotgen.search knows (a new one, e.g. parm_pp, appears here by itself).
 Strategy = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
 
 Prompt = Annotated[str, Field(min_length=1, max_length=CONFIG.max_prompt_chars,
-                              description="a GenEval-Shapes prompt, e.g. 'a photo of a red circle'",
+                              description="a GenEval prompt, e.g. 'a photo of a red circle' (shapes world: "
+                                          "GenEval-Shapes words only)",
                               examples=["a photo of a red circle"])]
-N = Annotated[Optional[int], Field(ge=1, le=CONFIG.max_n, description="candidate paths (default: the promoted N)")]
-Seed = Annotated[Optional[int], Field(ge=0, le=2**63 - 1, description="base seed (default: the promoted one)")]
+N = Annotated[Optional[int], Field(ge=1, le=CONFIG.max_n, description="candidate paths (default: the served N)")]
+Seed = Annotated[Optional[int], Field(ge=0, le=2**63 - 1, description="base seed (default: the served one)")]
 CfgScale = Annotated[Optional[float], Field(ge=0, le=CONFIG.max_cfg_scale, allow_inf_nan=False,
-                                            description="CFG scale, 0 = no guidance (default: the promoted one)")]
+                                            description="CFG scale, 0 = no guidance (default: the served one)")]
 # ge, not gt: pydantic writes gt as a number-valued exclusiveMinimum, which OpenAPI 3.0 forbids
 Temperature = Annotated[Optional[float], Field(ge=1e-3, le=10, allow_inf_nan=False)]
 TopK = Annotated[Optional[int], Field(ge=0, le=1_000_000)]
@@ -149,13 +164,36 @@ def _promoted():
     return stored
 
 
+def _check_models() -> None:
+    """Fail fast, loading nothing: coco: :func:`cotgen.real.config.check_verified_real`
+    (MissingModelError naming what to fetch); shapes: :func:`_promoted`."""
+    if REAL.is_real:
+        from cotgen.real.config import check_verified_real
+
+        check_verified_real(REAL)
+    else:
+        _promoted()
+
+
+def _load_verified():
+    """The verified generator to serve: the real models of ``real:`` (coco) or the promoted one."""
+    if REAL.is_real:
+        from cotgen.real.config import verified_from_real
+
+        return verified_from_real(REAL)
+    from cotgen.registry import load_verified
+
+    return load_verified(str(_promoted().tag))
+
+
 def _bad(e: Exception) -> InvalidArgument:
     return InvalidArgument(str(e))
 
 
 @bentoml.service(
     name="cotgen",
-    description="cotgen: the promoted verified generator (GenEval-Shapes world) with its reward model.",
+    description="cotgen: a verified generator (the promoted GenEval-Shapes model, or Janus-Pro with a VLM judge "
+                "when params real.world is coco) with its reward model and test-time search.",
     workers=CONFIG.workers,
     threads=CONFIG.threads,
     traffic={"timeout": CONFIG.request_timeout, "max_concurrency": CONFIG.max_concurrency,
@@ -164,25 +202,24 @@ def _bad(e: Exception) -> InvalidArgument:
     resources={"cpu": str(CONFIG.torch_threads)},
 )
 class Cotgen:
-    """The promoted verified generator: ``generate``, ``generate_image``, ``judge``, ``info``."""
+    """The verified generator of ``real.world``: ``generate``, ``generate_image``, ``judge``, ``info``."""
 
     @bentoml.on_deployment
-    def check_promoted_model() -> None:
+    def check_models() -> None:
         """Runs once in the server's main process before any worker starts: with nothing
-        promoted, ``bentoml serve`` stops at once with the message (workers that fail at
-        start-up would be restarted forever)."""
-        _promoted()
+        promoted (shapes) or a real model that cannot be found (coco), ``bentoml serve``
+        stops at once with the message (workers that fail at start-up would be restarted
+        forever)."""
+        _check_models()
 
     def __init__(self) -> None:
         import torch
 
-        from cotgen.registry import load_verified
-
         torch.set_num_threads(CONFIG.torch_threads)
         t0 = time.perf_counter()
-        stored = _promoted()
-        self.service = VerifiedService(load_verified(str(stored.tag)), CONFIG)
-        logger.info("cotgen: loaded %s in %.1f s", stored.tag, time.perf_counter() - t0)
+        verified = _load_verified()
+        self.service = VerifiedService(verified, CONFIG)
+        logger.info("cotgen: loaded %s (%s world) in %.1f s", verified.tag, verified.world, time.perf_counter() - t0)
 
     @bentoml.api
     def generate(
@@ -245,7 +282,7 @@ class Cotgen:
 
     @bentoml.api
     async def info(self) -> dict:
-        """The promoted model's tag, strategy, sampling settings, GenEval metadata, and the limits."""
+        """The world, model sources and tag, strategy, sampling settings, metadata, and the limits."""
         return self.service.info()
 
 
