@@ -548,8 +548,8 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
     """GenEval-Shapes of every strategy replayed from ``data/replay/paths.jsonl``
     (:func:`cotgen.search.replay.replay_summary`): ``sample``; ``best_of_n`` and ``prm``
     at each N of ``replay.ns``; ``parm`` at each N (the params' thresholds) and at
-    N = ``replay.n`` for each potential threshold of the sweep; ``parm_top_k`` for
-    each k. Checks the replay against the main job's PARM traces when they exist. Writes
+    N = ``replay.n`` for each potential threshold of the sweep (and each clarity threshold
+    of ``replay.clarity_thresholds``); ``parm_top_k`` for each k. Checks the replay against the main job's PARM traces when they exist. Writes
     ``metrics/search_replay.json`` and ``plots/search_replay.png`` (GenEval against N and
     against image tokens per image); ``..._<variant>`` for an aligned generator."""
     import json
@@ -568,9 +568,12 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
         rows.append(replay_summary(records, "parm", n, potential_threshold=se["potential_threshold"], **thr))
     for t in rp["potential_thresholds"]:
         rows.append(replay_summary(records, "parm", N, potential_threshold=t, **thr))
+    for c in rp.get("clarity_thresholds", []):  # a later clear step: potential judged on more of the image
+        for t in rp["potential_thresholds"]:
+            rows.append(replay_summary(records, "parm", N, potential_threshold=t, clarity_threshold=c))
     for k in rp["top_k"]:
         rows.append(replay_summary(records, "parm_top_k", N, k=k, **thr))
-    keep = ("strategy", "n", "potential_threshold", "k", "overall", "tags", "image_tokens_per_image")
+    keep = ("strategy", "n", "clarity_threshold", "potential_threshold", "k", "overall", "tags", "image_tokens_per_image")
     summary = {"records": len(records), "n": N, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
     traces = root / "data/traces/parm.jsonl"
     if variant is None and traces.is_file():
@@ -595,19 +598,23 @@ def _plot_replay(path: Path, summary: dict) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"best_of_n": "o-", "prm": "s-", "parm": "^-"}
     n_max = summary["n"]
-    t0 = next(r["potential_threshold"] for r in rows if r["strategy"] == "parm")  # the params' threshold
+    t0 = next(r["potential_threshold"] for r in rows if r["strategy"] == "parm")  # the params' thresholds
+    c0 = next(r["clarity_threshold"] for r in rows if r["strategy"] == "parm")
     for strategy, style in styles.items():
         pts = sorted({(r["n"], r["overall"], r["image_tokens_per_image"]) for r in rows if r["strategy"] == strategy
-                      and r.get("potential_threshold", t0) == t0})
+                      and r.get("potential_threshold", t0) == t0 and r.get("clarity_threshold", c0) == c0})
         a.plot([p[0] for p in pts], [p[1] for p in pts], style, label=strategy)
         b.plot([p[2] for p in pts], [p[1] for p in pts], style, label=f"{strategy} (N sweep)")
     sample = next(r for r in rows if r["strategy"] == "sample")
     a.axhline(sample["overall"], color="grey", ls=":", label="sample")
-    sweep = sorted((r["image_tokens_per_image"], r["overall"], r["potential_threshold"]) for r in rows
-                   if r["strategy"] == "parm" and r["n"] == n_max)
-    b.plot([p[0] for p in sweep], [p[1] for p in sweep], "v--", color="C3", label=f"parm N={n_max}, threshold sweep")
-    for x, y, t in sweep:
-        b.annotate(f"{t:g}", (x, y), fontsize=7, xytext=(2, -8), textcoords="offset points")
+    clarities = sorted({r["clarity_threshold"] for r in rows if r["strategy"] == "parm"})
+    for j, c in enumerate(clarities):  # potential-threshold sweeps at N = n_max, one line per clarity threshold
+        sweep = sorted({(r["image_tokens_per_image"], r["overall"], r["potential_threshold"]) for r in rows
+                        if r["strategy"] == "parm" and r["n"] == n_max and r["clarity_threshold"] == c})
+        b.plot([p[0] for p in sweep], [p[1] for p in sweep], "v--", color=f"C{3 + 2 * j}",
+               label=f"parm N={n_max}, clarity {c:g}, potential threshold sweep")
+        for x, y, t in sweep:
+            b.annotate(f"{t:g}", (x, y), fontsize=6, xytext=(2, -8), textcoords="offset points")
     topk = sorted((r["image_tokens_per_image"], r["overall"], r["k"]) for r in rows if r["strategy"] == "parm_top_k")
     if topk:
         b.plot([p[0] for p in topk], [p[1] for p in topk], "D--", color="C4", label=f"parm top-k, N={n_max}")
