@@ -38,6 +38,7 @@ from pathlib import Path
 # A temporary local server (no PREFECT_API_URL) runs its migrations on first start: on a
 # busy 2-core machine that takes longer than Prefect's 20 s default.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no internet here: telemetry only logs errors
 
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
