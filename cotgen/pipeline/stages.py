@@ -549,11 +549,10 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
     (:func:`cotgen.search.replay.replay_summary`): ``sample``; ``best_of_n`` and ``prm``
     at each N of ``replay.ns``; ``parm`` at each N (the params' thresholds) and at
     N = ``replay.n`` for each potential threshold of the sweep (and each clarity threshold
-    of ``replay.clarity_thresholds``); ``parm_top_k`` for each k. Checks the replay against the main job's PARM traces when they exist. Writes
-    ``metrics/search_replay.json`` and ``plots/search_replay.png`` (GenEval against N and
-    against image tokens per image); ``..._<variant>`` for an aligned generator."""
-    import json
-
+    of ``replay.clarity_thresholds``); ``parm_top_k`` for each k. Checks the replay against
+    the main job's PARM traces when they exist. Writes ``metrics/search_replay.json`` and
+    ``plots/search_replay.png`` (GenEval against N and against image tokens per image);
+    ``..._<variant>`` for an aligned generator."""
     from cotgen.search.replay import check_against_traces, read_records, replay_summary
 
     se, rp = params["search"], params["replay"]
@@ -577,8 +576,7 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
     summary = {"records": len(records), "n": N, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
     traces = root / "data/traces/parm.jsonl"
     if variant is None and traces.is_file():
-        lines = [json.loads(x) for x in traces.read_text().splitlines() if x.strip()]
-        lines = [t for t in lines if t["n"] <= N]
+        lines = [t for t in read_records(traces) if t["n"] <= N]
         if lines:
             summary["check_parm_traces"] = check_against_traces(
                 records, lines, "parm", potential_threshold=se["potential_threshold"], **thr)

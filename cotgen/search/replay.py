@@ -198,4 +198,5 @@ def check_against_traces(records: Sequence[dict], trace_lines: Sequence[dict], s
 
 
 def read_records(path: str | Path) -> list[dict]:
+    """The JSON lines of ``path`` (:func:`record_paths`' records, or a search's trace lines)."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
