@@ -65,15 +65,17 @@ def recompute_rate(gen, n: int, tokens: int) -> float:
 
 
 @torch.no_grad()
-def cached_rate(gen, n: int, tokens: int) -> float:
+def cached_rate(gen, n: int, tokens: int, prompts: int = 1, cfg_scale: float = 0.0) -> float:
+    """Tokens/s of step-wise KV-cached sampling of ``n`` paths for each of ``prompts``
+    prompts sampled together (rows = prompts x n, twice that with CFG)."""
     from cotgen.generator.sampling import SamplingConfig, StepwiseSampler
 
     steps = max(1, tokens // gen.grid_size)
     t = time.perf_counter()
-    sampler = StepwiseSampler(gen, ["a photo of two circles"], SamplingConfig(n=n, cfg_scale=0.0))
+    sampler = StepwiseSampler(gen, ["a photo of two circles"] * prompts, SamplingConfig(n=n, cfg_scale=cfg_scale))
     for _ in range(steps):
         sampler.step()
-    return n * steps * gen.grid_size / (time.perf_counter() - t)
+    return prompts * n * steps * gen.grid_size / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -92,6 +94,17 @@ def main() -> None:
         slow = recompute_rate(gen, n, args.tokens)
         fast = cached_rate(gen, n, args.tokens)
         print(f"{n:>3} | {slow:>15.1f} | {fast:>15.1f} | {fast / slow:>7.1f}x | {fast * fpt / 1e9 / peak:>7.1%}")
+    # the search's batching (search.batch_prompts): N = 20 paths for each of P prompts, with CFG
+    cfg = float(load_params_cfg())
+    print(f"\nN = 20 paths per prompt, CFG scale {cfg}: prompts sampled together against tokens/s")
+    for prompts in (1, 8, 16, 32):
+        print(f"{prompts:>3} prompts ({prompts * 20:>4} paths) | {cached_rate(gen, 20, args.tokens, prompts, cfg):>8.1f} tok/s")
+
+
+def load_params_cfg() -> float:
+    from cotgen.pipeline.params import load_params
+
+    return load_params("params.yaml")["sampling"]["cfg_scale"]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ same classes (LlamaForCausalLM, VQTokenizer)."""
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from cotgen.generator.model import ShapesGenerator
 from cotgen.generator.sampling import SamplingConfig, StepwiseSampler, sample_images
@@ -54,16 +54,35 @@ def test_prompt_in_batch_gives_what_it_gives_alone(gen):
     assert [p.tokens for p in alone.paths] == [p.tokens for p in batch.paths if p.prompt_index == 1]
 
 
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
 @torch.no_grad()
-def test_kv_cache_matches_recompute(gen):
+def test_kv_cache_matches_recompute(gen, kind):
     seq = gen.prefix(gen.encode_prompts(PROMPTS))
     codes = torch.randint(0, gen.codebook_size, (2, 20)) + gen.text_vocab
     full = gen.model(input_ids=torch.cat([seq, codes], 1)).logits
-    cache = DynamicCache()
+    cache = StaticCache(config=gen.model.config, max_cache_len=gen.sequence_length) if kind == "static" else DynamicCache()
     gen.model(input_ids=seq, cache=cache, use_cache=True)
     for t in range(codes.shape[1]):
         step = gen.model(input_ids=codes[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
         torch.testing.assert_close(step, full[:, seq.shape[1] + t], rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_samples_what_a_dynamic_cache_samples(gen, monkeypatch):
+    """The sampler's StaticCache (allocated once) changes speed, not codes: the same
+    paths as with a growing DynamicCache, across CFG, a drop midway and row selection."""
+    import cotgen.generator.sampling as sampling
+
+    def go():
+        sampler = StepwiseSampler(gen, PROMPTS, SamplingConfig(n=3, seed=7, cfg_scale=2.0))
+        for k in range(sampler.num_steps):
+            sampler.step()
+            if k == 3:
+                sampler.drop([0, 4])
+        return [p.tokens for p in sampler.paths]
+
+    static = go()
+    monkeypatch.setattr(sampling, "StaticCache", lambda config, max_cache_len: DynamicCache())
+    assert go() == static
 
 
 def test_dropping_paths_midway(gen):
