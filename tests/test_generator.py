@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from cotgen.generator.model import ShapesGenerator
-from cotgen.generator.sampling import SamplingConfig, StepwiseSampler, sample_images
+from cotgen.generator.sampling import SamplingConfig, StepwiseSampler, preallocated_cache, sample_images
 from cotgen.tokenizer.text import build_text_tokenizer
 from cotgen.tokenizer.vq import VQConfig, VQTokenizer
 
@@ -54,22 +54,26 @@ def test_prompt_in_batch_gives_what_it_gives_alone(gen):
     assert [p.tokens for p in alone.paths] == [p.tokens for p in batch.paths if p.prompt_index == 1]
 
 
-@pytest.mark.parametrize("kind", ["static", "dynamic"])
+@pytest.mark.parametrize("kind", ["preallocated", "static", "dynamic"])
 @torch.no_grad()
 def test_kv_cache_matches_recompute(gen, kind):
     seq = gen.prefix(gen.encode_prompts(PROMPTS))
     codes = torch.randint(0, gen.codebook_size, (2, 20)) + gen.text_vocab
     full = gen.model(input_ids=torch.cat([seq, codes], 1)).logits
-    cache = StaticCache(config=gen.model.config, max_cache_len=gen.sequence_length) if kind == "static" else DynamicCache()
+    cache = {"preallocated": lambda: preallocated_cache(gen.model.config, gen.sequence_length),
+             "static": lambda: StaticCache(config=gen.model.config, max_cache_len=gen.sequence_length),
+             "dynamic": DynamicCache}[kind]()
     gen.model(input_ids=seq, cache=cache, use_cache=True)
     for t in range(codes.shape[1]):
         step = gen.model(input_ids=codes[:, t : t + 1], cache=cache, use_cache=True).logits[:, -1]
         torch.testing.assert_close(step, full[:, seq.shape[1] + t], rtol=1e-4, atol=1e-4)
 
 
-def test_static_cache_samples_what_a_dynamic_cache_samples(gen, monkeypatch):
-    """The sampler's StaticCache (allocated once) changes speed, not codes: the same
-    paths as with a growing DynamicCache, across CFG, a drop midway and row selection."""
+@pytest.mark.parametrize("other", ["dynamic", "static"])
+def test_preallocated_cache_samples_what_library_caches_sample(gen, monkeypatch, other):
+    """The sampler's preallocated KV cache changes speed, not codes: the same paths as
+    with transformers' DynamicCache and StaticCache, across CFG, a drop midway and row
+    selection."""
     import cotgen.generator.sampling as sampling
 
     def go():
@@ -80,9 +84,11 @@ def test_static_cache_samples_what_a_dynamic_cache_samples(gen, monkeypatch):
                 sampler.drop([0, 4])
         return [p.tokens for p in sampler.paths]
 
-    static = go()
-    monkeypatch.setattr(sampling, "StaticCache", lambda config, max_cache_len: DynamicCache())
-    assert go() == static
+    mine = go()
+    make = {"dynamic": lambda config, max_cache_len: DynamicCache(),
+            "static": lambda config, max_cache_len: StaticCache(config=config, max_cache_len=max_cache_len)}[other]
+    monkeypatch.setattr(sampling, "preallocated_cache", make)
+    assert go() == mine
 
 
 def test_dropping_paths_midway(gen):

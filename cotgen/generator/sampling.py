@@ -4,10 +4,11 @@ KV cache (DESIGN sections 1 and 4; LlamaGen's ``generate.py`` for the CFG form).
 A *step* is a block of ``tokens_per_step`` consecutive image tokens in raster order
 (default: one row of the token grid, so a 16x16 grid has 16 steps). Between steps the
 caller may decode intermediate images, drop paths, and go on. A dropped path is removed
-from the batch and its KV cache, so it costs nothing afterwards. The KV cache is
-transformers' ``StaticCache``, allocated once for the whole image: a ``DynamicCache``
-concatenates every layer's keys and values at every token, which took a third of the
-search's time (``benchmarks/bench_sampling.py``); both give the same codes.
+from the batch and its KV cache, so it costs nothing afterwards. The KV cache
+(:class:`PreallocatedLayer`) is written in place: transformers' ``DynamicCache``
+concatenates every layer's keys and values at every token (a third of the search's
+time), and its ``StaticCache`` attends over the whole allocated length through a mask
+(slower again on CPU). All three give the same codes (tests/test_generator.py).
 
 CFG: ``logits = cond + cfg_scale * (cond - uncond)``; ``cfg_scale = 0`` is plain
 conditional sampling and skips the unconditional rows entirely.
@@ -24,9 +25,61 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StaticCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 from cotgen.generator.model import ShapesGenerator
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache: a transformers ``DynamicLayer`` (attention sees only the
+    filled positions, so decoding needs no mask) whose keys and values live in buffers of
+    ``max_cache_len`` positions allocated at the first update, ``(B, heads, max_cache_len,
+    head_dim)`` in the model's dtype; a token is written in place instead of concatenated.
+
+    Raises:
+        ValueError: more than ``max_cache_len`` positions.
+    """
+
+    def __init__(self, max_cache_len: int) -> None:
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, _ = key_states.shape
+        self.device = key_states.device
+        self._k = key_states.new_zeros(b, h, self.max_cache_len, key_states.shape[-1])
+        self._v = value_states.new_zeros(b, h, self.max_cache_len, value_states.shape[-1])
+        self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.max_cache_len:
+            raise ValueError(f"KV cache of {self.max_cache_len} positions cannot take position {end}")
+        self._k[:, :, self.length : end] = key_states
+        self._v[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep (and order) the batch rows ``beam_idx``."""
+        if self.length:
+            self._k, self._v = self._k.index_select(0, beam_idx), self._v.index_select(0, beam_idx)
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    batch_select_indices = reorder_cache
+
+
+def preallocated_cache(config, max_cache_len: int) -> Cache:
+    """A transformers ``Cache`` of :class:`PreallocatedLayer` for a decoder ``config``."""
+    return Cache(layers=[PreallocatedLayer(max_cache_len) for _ in range(config.num_hidden_layers)])
 
 
 @dataclass
@@ -166,8 +219,8 @@ class StepwiseSampler:
         if self.cfg:
             null = generator.prefix(null)
             prefix = torch.cat([prefix, torch.cat([null, start + generator.text_vocab], dim=1)])
-        self._cache = StaticCache(
-            config=generator.model.config, max_cache_len=prefix.shape[1] + generator.num_image_tokens - start.shape[1]
+        self._cache = preallocated_cache(
+            generator.model.config, max_cache_len=prefix.shape[1] + generator.num_image_tokens - start.shape[1]
         )
         with torch.no_grad():
             out = generator.model(input_ids=prefix, cache=self._cache, use_cache=True)
