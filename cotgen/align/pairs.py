@@ -20,12 +20,13 @@ order (not the generator's token ids, which add the text vocabulary size).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from cotgen.jsonl import read_jsonl, write_jsonl
 import torch
 
 
@@ -135,14 +136,9 @@ def judge_scores(judge, generator, tokens: torch.Tensor, prompts: Sequence[str],
 
 def write_pairs(path: str | Path, pairs: Sequence[dict]) -> None:
     """Write pairs as JSONL (one pair a line)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    write_jsonl(path, pairs)
 
 
 def read_pairs(path: str | Path) -> list[dict]:
     """Read what :func:`write_pairs` wrote. Raises FileNotFoundError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no preference pairs at {path}; run the pairs stage (`cotgen stage pairs_dpo`)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path, "no preference pairs: run the pairs stage (`cotgen stage pairs_dpo`)")

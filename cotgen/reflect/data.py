@@ -8,14 +8,13 @@ failure's kind, for measurement) and ``right_source`` (``generator`` | ``render`
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from cotgen.reflect.text import primary_failure, render_failure
+from cotgen.jsonl import read_jsonl, write_jsonl
 
 
 def reflection_groups(traj, image_tokenizer=None, detector=None, seed: int = 0, splits: Sequence[str] = ("train",),
@@ -61,10 +60,5 @@ def reflection_groups(traj, image_tokenizer=None, detector=None, seed: int = 0, 
     return groups
 
 
-def write_groups(path: str | Path, groups: Sequence[dict]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("".join(json.dumps(g) + "\n" for g in groups))
-
-
-def read_groups(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+write_groups = write_jsonl  # reflection groups as JSON lines
+read_groups = read_jsonl

@@ -9,11 +9,12 @@ Knobs: ``params["reflect"]``. Outputs under ``data/reflect``; metrics
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+
+from cotgen.jsonl import read_jsonl, write_jsonl
 
 PATHS = {
     "groups": "data/reflect/reflections.jsonl",
@@ -64,7 +65,7 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
     if groups:
         _validate("reflections", tmp, root, vocab_size=image_tokenizer.codebook_size)
     tmp.replace(final)
-    (root / PATHS["examples"]).write_text("".join(json.dumps(e) + "\n" for e in examples))
+    write_jsonl(root / PATHS["examples"], examples)
     metrics = {
         "examples": len(examples),
         "examples_by_split_kind": {f"{s}/{k}": n for (s, k), n in sorted(Counter((e["split"], e["kind"]) for e in examples).items())},
@@ -90,7 +91,7 @@ def stage_reflect_judge(params: dict, root: Path = Path(".")) -> dict:
     j = params["reflect"]["judge"]
     traj = Trajectories.load(root / MAIN["trajectories"])
     _, image_tokenizer = _load_generator_parts(root)
-    examples = [json.loads(line) for line in (root / PATHS["examples"]).read_text().splitlines() if line.strip()]
+    examples = read_jsonl(root / PATHS["examples"], "run `cotgen stage reflect_data`")
     judge = ObjectJudge.from_pretrained(root / MAIN["judge"])
     labeller = None
     if j.get("perception_targets", False):
@@ -188,7 +189,7 @@ def run_table5_row(params: dict, root: Path, name: str) -> dict:
     _replace_dir(tmp, final)
     subset = _mkparent(root / "data/reflect" / f"eval_{name}.jsonl")
     write_metadata(subset, eval_set)
-    (_mkparent(root / "data/traces" / f"{name}.jsonl")).write_text("".join(json.dumps(t) + "\n" for t in traces))
+    write_jsonl(root / "data/traces" / f"{name}.jsonl", traces)
     detector = ShapesDetector.from_pretrained(root / MAIN["detector"])
     results, summary = score_folder(final, detector, metadata_file=subset)
     rounds = [t["compute"].get("rounds", 1) for t in traces]

@@ -19,7 +19,6 @@ Prompts are split into train / held-out (judges are measured on held-out prompts
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm import tqdm
 
 from cotgen.generator.sampling import SamplingConfig, StepwiseSampler
 from cotgen.geneval.scoring import judge_image
+from cotgen.jsonl import read_jsonl, write_jsonl
 
 TOKENS_FILE = "tokens.safetensors"
 PATHS_FILE = "paths.jsonl"
@@ -65,8 +65,8 @@ class Trajectories:
         directory.mkdir(parents=True, exist_ok=True)
         save_file({"tokens": self.tokens.to(torch.int16).contiguous()}, str(directory / TOKENS_FILE),
                   metadata={"tokens_per_step": str(self.tokens_per_step)})
-        _write_jsonl(directory / PATHS_FILE, self.paths)
-        _write_jsonl(directory / PRM_FILE, self.prm)
+        write_jsonl(directory / PATHS_FILE, self.paths)
+        write_jsonl(directory / PRM_FILE, self.prm)
 
     @classmethod
     def load(cls, directory: str | Path) -> Trajectories:
@@ -80,15 +80,7 @@ class Trajectories:
         with safe_open(str(directory / TOKENS_FILE), "pt") as f:
             tps = int(f.metadata()["tokens_per_step"])
         tokens = load_file(str(directory / TOKENS_FILE))["tokens"].long()
-        return cls(tokens, _read_jsonl(directory / PATHS_FILE), _read_jsonl(directory / PRM_FILE), tps)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return cls(tokens, read_jsonl(directory / PATHS_FILE), read_jsonl(directory / PRM_FILE), tps)
 
 
 def split_prompts(prompts: Sequence[str], heldout_fraction: float, seed: int) -> dict[str, str]:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cotgen.jsonl import read_jsonl
+
 #: questions recorded after every step but the last
 STEP_QUESTIONS = ("clarity", "potential", "step")
 
@@ -199,4 +201,4 @@ def check_against_traces(records: Sequence[dict], trace_lines: Sequence[dict], s
 
 def read_records(path: str | Path) -> list[dict]:
     """The JSON lines of ``path`` (:func:`record_paths`' records, or a search's trace lines)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
