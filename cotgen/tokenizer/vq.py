@@ -505,19 +505,6 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a, "RGB") for a in arr]
 
 
-def image_grid(rows: Sequence[Sequence[Image.Image]], scale: int = 2, pad: int = 2) -> Image.Image:
-    """Tile rows of equally sized images into one RGB image (white gaps), upscaled by
-    ``scale`` with nearest neighbour."""
-    n_cols = max(len(r) for r in rows)
-    w, h = rows[0][0].size
-    w, h = w * scale, h * scale
-    grid = Image.new("RGB", (n_cols * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
-    for r, row in enumerate(rows):
-        for c, im in enumerate(row):
-            grid.paste(im.resize((w, h), Image.NEAREST), (pad + c * (w + pad), pad + r * (h + pad)))
-    return grid
-
-
 # ---------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------
@@ -791,6 +778,8 @@ def reconstruction_check(
         out.update(original_overall=osum["overall"], original_tags=osum["tags"], lost=lost)
     if grid_path is not None:
         k = min(16, len(items))
+        from cotgen.generator.grid import image_grid
+
         image_grid([[im for _, _, im in items[:k]], recs[:k]]).save(grid_path)
     out["results"] = lines
     return out
