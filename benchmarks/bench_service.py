@@ -117,6 +117,29 @@ def run_cell(url: str, strategy: str, n: int, concurrency: int, requests: int, m
             "throughput_rps": len(latencies) / wall, "wall_s": wall}
 
 
+def measure(server, args) -> tuple[dict, list[dict], float, float]:
+    """Every (strategy, concurrency) cell against a running server; returns /info, the rows and
+    the server's RSS (MiB) before and after."""
+    import httpx
+
+    url, proc = server.url, server.proc
+    info = httpx.post(f"{url}/info", json={}, timeout=30).json()
+    rss_before = rss_mb(proc.pid)
+    print(f"model {info['tag']} (promoted strategy {info['strategy']}), ready in {server.ready_seconds:.1f} s, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    rows = []
+    for strategy in args.strategies.split(","):
+        httpx.post(f"{url}/generate", json={"prompt": PROMPTS[0], "strategy": strategy, "n": args.n},
+                   timeout=300).raise_for_status()  # warm-up
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            row = run_cell(url, strategy, args.n, c, args.requests, args.max_seconds)
+            rows.append(row)
+            print(f"  {strategy:>9} c={c:<3} {row['requests']} ok, {row['errors']} errors, "
+                  f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s, {row['throughput_rps']:.2f} req/s",
+                  flush=True)
+    return info, rows, rss_before, rss_mb(proc.pid)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="train and promote the tiny pipeline into a temporary store")
@@ -136,36 +159,14 @@ def main() -> None:
         env["BENTOML_HOME"] = str(home)
     elif args.home:
         env["BENTOML_HOME"] = str(args.home)
-    from cotgen.serve.launch import free_port, start_server, stop_server, wait_ready
+    from cotgen.serve.launch import serving
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     log = Path(tempfile.mkstemp(prefix="cotgen-bench-serve-", suffix=".log")[1])
-    proc = start_server(env, port, log)
-    import httpx
-
     try:
-        try:
-            ready_s = wait_ready(proc, url, log, timeout=300)
-        except RuntimeError as e:
-            sys.exit(str(e))
-        info = httpx.post(f"{url}/info", json={}, timeout=30).json()
-        rss_before = rss_mb(proc.pid)
-        print(f"model {info['tag']} (promoted strategy {info['strategy']}), ready in {ready_s:.1f} s, "
-              f"{os.cpu_count()} CPUs", flush=True)
-        rows = []
-        for strategy in args.strategies.split(","):
-            httpx.post(f"{url}/generate", json={"prompt": PROMPTS[0], "strategy": strategy, "n": args.n},
-                       timeout=300).raise_for_status()  # warm-up
-            for c in [int(x) for x in args.concurrency.split(",")]:
-                row = run_cell(url, strategy, args.n, c, args.requests, args.max_seconds)
-                rows.append(row)
-                print(f"  {strategy:>9} c={c:<3} {row['requests']} ok, {row['errors']} errors, "
-                      f"p50 {row['p50_s']:.2f} s, p95 {row['p95_s']:.2f} s, {row['throughput_rps']:.2f} req/s",
-                      flush=True)
-        rss_after = rss_mb(proc.pid)
-    finally:
-        stop_server(proc)
+        with serving(env, log, timeout=300) as server:
+            info, rows, rss_before, rss_after = measure(server, args)
+    except RuntimeError as e:  # the server did not come up (the message ends with its log)
+        sys.exit(str(e))
 
     print()
     print(f"| strategy | n | concurrency | requests | errors | p50 (s) | p95 (s) | throughput (req/s) |")

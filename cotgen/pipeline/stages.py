@@ -378,7 +378,8 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
 
 
 def search_eval_set(generator, judge, eval_set: Sequence[dict], sampling, config, images_per_prompt: int,
-                    batch_prompts: int, folder: Path, trace_file: Path, desc: str = "search") -> list[dict]:
+                    batch_prompts: int, folder: Path, trace_file: Path, desc: str = "search",
+                    search_kwargs=None) -> list[dict]:
     """Run one search (:func:`cotgen.search.search`) over an evaluation set and write what
     GenEval scores: final image ``j`` of every prompt comes from its own ``sampling.n``
     paths with seed ``sampling.seed + 1000 j``; prompts go ``batch_prompts`` at a time.
@@ -386,7 +387,9 @@ def search_eval_set(generator, judge, eval_set: Sequence[dict], sampling, config
     Writes the GenEval folder ``folder`` (``<index>/metadata.jsonl``, ``samples/NNNN.png``
     at the generator's image size; replaced only when complete) and ``trace_file`` (JSON
     lines: ``index``, ``image`` and :meth:`SearchResult.trace`, with per-path cuts, image
-    tokens and forward passes). Returns the trace lines.
+    tokens and forward passes). ``search_kwargs(k)``, when given, returns extra keyword
+    arguments of :func:`cotgen.search.search` for a batch of ``k`` prompts (PARM++'s
+    corrector and its condition). Returns the trace lines.
 
     Raises:
         ValueError: a bad knob or prompt (from :func:`cotgen.search.search`).
@@ -404,7 +407,8 @@ def search_eval_set(generator, judge, eval_set: Sequence[dict], sampling, config
         rep_sampling = replace(sampling, seed=sampling.seed + 1000 * rep)
         for start in range(0, len(eval_set), batch_prompts):
             chunk = eval_set[start : start + batch_prompts]
-            for i, r in enumerate(search(generator, judge, [m["prompt"] for m in chunk], rep_sampling, config)):
+            extra = search_kwargs(len(chunk)) if search_kwargs else {}
+            for i, r in enumerate(search(generator, judge, [m["prompt"] for m in chunk], rep_sampling, config, **extra)):
                 images[start + i].append(r.image)
                 traces.append({"index": start + i, "image": rep, **r.trace()})
     tmp = _tmp_dir(folder)

@@ -145,16 +145,13 @@ def run_table5_row(params: dict, root: Path, name: str) -> dict:
     generator (first-round mode) with the row's strategy; writes ``data/samples/<name>``,
     ``data/traces/<name>.jsonl``, ``metrics/geneval_<name>.json`` (GenEval keys plus
     ``image_tokens_per_image``, ``rounds_per_image``, ``rounds_histogram``)."""
-    from tqdm import tqdm
-
-    from cotgen.geneval.layout import write_folder
     from cotgen.geneval.metadata import load_metadata, write_metadata
     from cotgen.geneval.report import plot_tags
     from cotgen.geneval.scoring import score_folder, write_results
-    from cotgen.pipeline.stages import PATHS as MAIN, _mkparent, _replace_dir, _tmp_dir, _validate, sampling_config
+    from cotgen.pipeline.stages import PATHS as MAIN, _mkparent, _validate, sampling_config, search_eval_set
     from cotgen.reflect.corrector import SelfCorrector
     from cotgen.reflect.judge import ReflectiveJudge
-    from cotgen.search import SearchConfig, search
+    from cotgen.search import SearchConfig
     from cotgen.world.detector import ShapesDetector
 
     e, se = params["reflect"]["eval"], params["search"]
@@ -170,26 +167,17 @@ def run_table5_row(params: dict, root: Path, name: str) -> dict:
     judge = None if strategy == "sample" else ReflectiveJudge.from_pretrained(root / PATHS["judge"])
     config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"], max_rounds=e["max_rounds"],
                           accept_threshold=e["accept_threshold"], reflection=reflection)
-    images: list[list] = [[] for _ in eval_set]
-    traces = []
-    for rep in range(e["images_per_prompt"]):
-        sampling = sampling_config(params, n)
-        sampling.seed = sampling.seed + 1000 * rep
-        for start in tqdm(range(0, len(eval_set), se["batch_prompts"]), desc=f"{name} (N={n}) image {rep + 1}"):
-            chunk = eval_set[start : start + se["batch_prompts"]]
-            cond, null = corrector.first_round(len(chunk))
-            results = search(corrector.generator, judge, [m["prompt"] for m in chunk], sampling, config,
-                             corrector=corrector, condition=cond, null_condition=null)
-            for i, r in enumerate(results):
-                images[start + i].append(r.image)
-                traces.append({"index": start + i, "image": rep, **r.trace()})
+
+    def first_round(k: int) -> dict:
+        cond, null = corrector.first_round(k)
+        return {"corrector": corrector, "condition": cond, "null_condition": null}
+
     final = root / "data/samples" / name
-    tmp = _tmp_dir(final)
-    write_folder(tmp, eval_set, lambda i, m: images[i])
-    _replace_dir(tmp, final)
+    traces = search_eval_set(corrector.generator, judge, eval_set, sampling_config(params, n), config,
+                             e["images_per_prompt"], se["batch_prompts"], final, root / "data/traces" / f"{name}.jsonl",
+                             desc=name, search_kwargs=first_round)
     subset = _mkparent(root / "data/reflect" / f"eval_{name}.jsonl")
     write_metadata(subset, eval_set)
-    write_jsonl(root / "data/traces" / f"{name}.jsonl", traces)
     detector = ShapesDetector.from_pretrained(root / MAIN["detector"])
     results, summary = score_folder(final, detector, metadata_file=subset)
     rounds = [t["compute"].get("rounds", 1) for t in traces]
