@@ -95,16 +95,12 @@ def main() -> None:
         fast = cached_rate(gen, n, args.tokens)
         print(f"{n:>3} | {slow:>15.1f} | {fast:>15.1f} | {fast / slow:>7.1f}x | {fast * fpt / 1e9 / peak:>7.1%}")
     # the search's batching (search.batch_prompts): N = 20 paths for each of P prompts, with CFG
-    cfg = float(load_params_cfg())
+    from cotgen.pipeline.params import load_params
+
+    cfg = float(load_params("params.yaml")["sampling"]["cfg_scale"])
     print(f"\nN = 20 paths per prompt, CFG scale {cfg}: prompts sampled together against tokens/s")
     for prompts in (1, 8, 16, 32):
         print(f"{prompts:>3} prompts ({prompts * 20:>4} paths) | {cached_rate(gen, 20, args.tokens, prompts, cfg):>8.1f} tok/s")
-
-
-def load_params_cfg() -> float:
-    from cotgen.pipeline.params import load_params
-
-    return load_params("params.yaml")["sampling"]["cfg_scale"]
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cotgen.jsonl import read_jsonl, write_jsonl
-import torch
 
 
 def build_pairs(

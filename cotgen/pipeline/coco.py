@@ -28,10 +28,10 @@ from pathlib import Path
 from cotgen.geneval.metadata import load_metadata, write_metadata
 from cotgen.geneval.report import plot_tags, write_summary
 from cotgen.geneval.scoring import score_folder, write_results
+from cotgen.jsonl import read_jsonl
 from cotgen.pipeline.stages import (COCO_STRATEGIES, _mkparent, _validate, balanced_prompts, search_eval_set,
                                     search_metrics)
 from cotgen.real.config import RealConfig
-from cotgen.search.replay import read_records
 
 #: the real world's artefacts, relative to the repository root
 COCO_PATHS = {
@@ -163,7 +163,7 @@ def stage_coco_score(params: dict, root: Path = Path("."), strategy: str = "parm
     with Image.open(first) as im:
         size = im.width
     _validate("samples", folder, root, images_per_prompt=cfg.eval["images_per_prompt"], image_size=size)
-    traces = read_records(trace_file)
+    traces = read_jsonl(trace_file)
     results, summary = score_folder(folder, load_detector(cfg), metadata_file=_path("prompts", root))
     summary.update(search_metrics(strategy, traces[0]["n"], traces), world="coco")
     write_results(_path("results", root, strategy), results)

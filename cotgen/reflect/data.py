@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from cotgen.reflect.text import primary_failure, render_failure
 from cotgen.jsonl import read_jsonl, write_jsonl
+from cotgen.reflect.text import primary_failure, render_failure
 
 
 def reflection_groups(traj, image_tokenizer=None, detector=None, seed: int = 0, splits: Sequence[str] = ("train",),
