@@ -83,3 +83,11 @@ def test_replay_matches_the_real_search(tiny_run, tmp_path):
     assert strategies == {"sample", "best_of_n", "prm", "parm", "parm_top_k"}
     assert all(0 <= row["overall"] <= 1 for row in metrics["rows"])
     assert (root / "plots/search_replay.png").stat().st_size > 0
+    for strategy in ("sample", "best_of_n", "prm", "parm"):  # issue 4's per-strategy files, the same numbers
+        per = json.loads((root / f"metrics/geneval_{strategy}_replay.json").read_text())
+        n_expected = 1 if strategy == "sample" else params["replay"]["n"]
+        row = next(r for r in metrics["rows"] if r["strategy"] == strategy and r["n"] == n_expected
+                   and r.get("potential_threshold") in (None, params["search"]["potential_threshold"]))
+        assert (per["n"], per["overall"], per["image_tokens_per_image"]) == (
+            n_expected, row["overall"], row["image_tokens_per_image"])
+        assert per["images_per_prompt"] == metrics["images_per_prompt"] == params["replay"]["images_per_prompt"]

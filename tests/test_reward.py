@@ -14,7 +14,7 @@ from cotgen.reward.data import (
     Trajectories, concat_trajectories, judge_examples, label_images, render_trajectories, sample_trajectories, split_prompts,
 )
 from cotgen.reward.object_judge import ObjectJudge, ObjectJudgeConfig, ObjectJudgeModel, image_features
-from cotgen.reward.train import train_judge
+from cotgen.reward.train import auroc_ci95, train_judge
 from cotgen.world.render import render_scene
 from cotgen.world.vocab import SHAPES
 from tests.test_generator import tiny_generator
@@ -174,3 +174,18 @@ def test_perception_targets_follow_the_labeller_and_enter_the_loss():
     with_targets = model(**f, **common).loss
     assert with_targets > without  # the perception term is added
     assert torch.equal(model(**inputs, **common).logits, model(**f, **common).logits)  # targets never change scores
+
+
+def test_auroc_interval_brackets_the_estimate_and_narrows_with_data():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    widths = []
+    for positives in (18, 180):
+        y = np.r_[np.ones(positives), np.zeros(10 * positives)].astype(int)
+        s = rng.normal(size=len(y)) + 1.5 * y
+        low, high = auroc_ci95(y, s)
+        assert low < roc_auc_score(y, s) < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+    assert auroc_ci95(np.array([1, 1, 0, 0, 0, 0, 0, 0]), rng.normal(size=8)) is None  # too few of a label

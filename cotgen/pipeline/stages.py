@@ -548,6 +548,10 @@ def stage_record_paths(params: dict, root: Path = Path("."), variant: str | None
     return {"records": n, "n": rp["n"], "images_per_prompt": rp["images_per_prompt"]}
 
 
+#: strategies whose replay at N = ``replay.n`` gets its own ``metrics/geneval_<strategy>_replay.json``
+REPLAY_STRATEGIES = ("sample", "best_of_n", "prm", "parm")
+
+
 def stage_replay(params: dict, root: Path = Path("."), variant: str | None = None) -> dict:
     """GenEval-Shapes of every strategy replayed from ``data/replay/paths.jsonl``
     (:func:`cotgen.search.replay.replay_summary`): ``sample``; ``best_of_n`` and ``prm``
@@ -556,7 +560,10 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
     of ``replay.clarity_thresholds``); ``parm_top_k`` for each k. Checks the replay against
     the main job's PARM traces when they exist. Writes ``metrics/search_replay.json`` and
     ``plots/search_replay.png`` (GenEval against N and against image tokens per image);
-    ``..._<variant>`` for an aligned generator."""
+    ``..._<variant>`` for an aligned generator. For the main generator, also each strategy
+    of :data:`REPLAY_STRATEGIES` at N = ``replay.n`` (``sample``: one path) with the
+    recording's images per prompt in ``metrics/geneval_<strategy>_replay.json`` (issue 4's
+    per-strategy files)."""
     from cotgen.search.replay import check_against_traces, read_records, replay_summary
 
     se, rp = params["search"], params["replay"]
@@ -585,7 +592,14 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
             summary["check_parm_traces"] = check_against_traces(
                 records, lines, "parm", potential_threshold=se["potential_threshold"], **thr)
     summary["generator"] = variant or "generator"
+    summary["images_per_prompt"] = 1 + max((r["image"] for r in records), default=0)
     write_summary(root / f"metrics/{name}.json", summary)
+    if variant is None:  # issue 4's per-strategy files: each strategy at N = replay.n (sample: path 0)
+        for strategy in REPLAY_STRATEGIES:
+            knobs = dict(potential_threshold=se["potential_threshold"], **thr) if strategy == "parm" else {}
+            row = replay_summary(records, strategy, 1 if strategy == "sample" else N, **knobs)
+            row["images_per_prompt"] = summary["images_per_prompt"]
+            write_summary(root / f"metrics/geneval_{strategy}_replay.json", row)
     _plot_replay(root / f"plots/{name}.png", summary)
     return {k: v for k, v in summary.items() if k != "rows"}
 

@@ -138,7 +138,7 @@ def evaluate_judge(judge: ObjectJudge, examples, bank: FeatureBank, words, num_s
     for q, ex in sorted(by_q.items()):
         scores = score_examples(judge, q, ex, bank, words, num_steps, batch_size)
         labels = np.array([e["label"] for e in ex], dtype=int)
-        out[q] = _binary_metrics(labels, scores)
+        out[q] = _binary_metrics(labels, scores, ci=True)
         if q == "potential":
             steps = sorted({e["step"] for e in ex})
             out["potential_auroc_by_step"] = {
@@ -159,11 +159,33 @@ def score_examples(judge, question, examples, bank, words, num_steps, batch_size
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
-def _binary_metrics(labels: np.ndarray, scores: np.ndarray) -> dict:
+def _binary_metrics(labels: np.ndarray, scores: np.ndarray, ci: bool = False) -> dict:
     both = len(set(labels.tolist())) == 2
-    return {
+    out = {
         "n": int(len(labels)),
         "yes_rate": float(labels.mean()) if len(labels) else None,
         "auroc": float(roc_auc_score(labels, scores)) if both else None,
         "accuracy": float(accuracy_score(labels, scores >= 0.5)) if len(labels) else None,
     }
+    if ci:
+        out["auroc_ci95"] = auroc_ci95(labels, scores)
+    return out
+
+
+def auroc_ci95(labels: np.ndarray, scores: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> list[float] | None:
+    """95% percentile-bootstrap interval of the AUROC (``scipy.stats.bootstrap``, paired
+    resampling of (label, score), seeded); ``None`` with fewer than 5 examples of either
+    label. Held-out sets here are small (the outcome question had 18 positives of 232), so
+    a point AUROC moves by several points between judge seeds; the interval says how much."""
+    from scipy.stats import bootstrap
+
+    labels = np.asarray(labels, dtype=int)
+    if min(int(labels.sum()), int((1 - labels).sum())) < 5:
+        return None
+
+    def statistic(y, s):
+        return roc_auc_score(y, s) if 0 < y.sum() < len(y) else np.nan
+
+    res = bootstrap((labels, np.asarray(scores, dtype=float)), statistic, paired=True, vectorized=False,
+                    n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
