@@ -15,8 +15,13 @@ failed gate never touches what is promoted. The store is BentoML's
 Layout of a model directory::
 
     generator/   ShapesGenerator.save_pretrained (model + text + image tokenizers)
-    judge/       ObjectJudge.save_pretrained
+    judge/       ObjectJudge.save_pretrained; with PARM++ also reflector/
+                 (cotgen.reflect.judge.ReflectiveJudge: same judge weights + reflection head)
+    corrector/   PARM++ only: cotgen.reflect.corrector.SelfCorrector.save_pretrained
     verified.json  {"strategy", "n", "sampling": {...}, "search": {...}}
+
+A model with ``corrector/`` (and a reflective judge) also answers ``parm_pp`` (issue 8;
+``cotgen stage package_parm_pp`` adds them to the promoted model).
 
 Metadata (``bentoml models get TAG``): GenEval-Shapes scores of the strategy
 (``geneval_overall``, ``geneval_<tag>``), git revision, sha256 of ``dvc.lock``.
@@ -57,6 +62,9 @@ class VerifiedGenerator:
             :func:`cotgen.real.config.verified_from_real`).
         sources: where the generator and judge came from: ``{"generator": {"kind",
             "source"}, "judge": {...}}``.
+        corrector: PARM++'s self-correction generator
+            (:class:`cotgen.reflect.corrector.SelfCorrector`), or None; with one, ``judge``
+            is a :class:`cotgen.reflect.judge.ReflectiveJudge` and ``parm_pp`` is served.
 
     Both worlds' generators offer ``check_prompt``, ``max_prompt_tokens``,
     ``image_size``, ``codebook_size``, ``grid_size`` and ``num_image_tokens``; both
@@ -72,6 +80,7 @@ class VerifiedGenerator:
     info: dict = field(default_factory=dict)
     world: str = "shapes"
     sources: dict = field(default_factory=dict)
+    corrector: object | None = None
 
 
 def _git_revision(root: Path) -> str:
@@ -92,7 +101,7 @@ def model_metadata(root: Path, scores: dict) -> dict:
     ``geneval_<tag>``, plus ``git_revision`` and ``dvc_lock_sha256``."""
     meta = {"geneval_overall": float(scores["overall"])}
     meta.update({f"geneval_{t}": float(v) for t, v in scores.get("tags", {}).items()})
-    for key in ("image_tokens_per_image", "images", "prompts"):
+    for key in ("image_tokens_per_image", "images", "prompts", "parm_pp_overall"):
         if key in scores:
             meta[key] = scores[key]
     meta["git_revision"] = _git_revision(root)
@@ -108,6 +117,7 @@ def save_candidate(
     scores: dict,
     root: Path = Path("."),
     labels: dict | None = None,
+    corrector_dir: Path | None = None,
 ):
     """Save a verified generator as ``cotgen-candidate:<new version>``.
 
@@ -119,17 +129,23 @@ def save_candidate(
         scores: the strategy's GenEval summary (``overall`` and ``tags``).
         root: repository root (for git revision and dvc.lock).
         labels: extra BentoML labels.
+        corrector_dir: PARM++ only: a saved SelfCorrector (``data/reflect/corrector``);
+            ``judge_dir`` must then hold a ReflectiveJudge (``data/reflect/judge``).
     Returns:
         the new model's ``bentoml.Tag``.
     Raises:
         FileNotFoundError: a missing input directory (named).
+        ValueError: a corrector without a reflective judge.
     """
     import bentoml
 
     generator_dir = Path(generator_dir)
-    for d in [generator_dir] + ([Path(judge_dir)] if judge_dir is not None else []):
+    extra = [Path(d) for d in (judge_dir, corrector_dir) if d is not None]
+    for d in [generator_dir] + extra:
         if not d.is_dir():
             raise FileNotFoundError(f"{d} is missing; run `dvc repro` first")
+    if corrector_dir is not None and not _is_reflective(Path(judge_dir) if judge_dir is not None else None):
+        raise ValueError(f"a corrector ({corrector_dir}) needs a reflective judge (data/reflect/judge), got {judge_dir}")
     spec = {"strategy": search.strategy, "n": sampling.n, "sampling": asdict(sampling), "search": asdict(search)}
     all_labels = {"world": "shapes", "strategy": search.strategy, "stage": "candidate", **(labels or {})}
     with bentoml.models.create(CANDIDATE_MODEL, labels=all_labels,
@@ -138,6 +154,8 @@ def save_candidate(
         shutil.copytree(generator_dir, target / "generator")
         if judge_dir is not None:
             shutil.copytree(judge_dir, target / "judge")
+        if corrector_dir is not None:
+            shutil.copytree(corrector_dir, target / "corrector")
         (target / VERIFIED_FILE).write_text(json.dumps(spec, indent=2))
     return model.tag
 
@@ -215,5 +233,20 @@ def load_verified(tag: str | None = None) -> VerifiedGenerator:
     sources = {"generator": {"kind": "shapes", "source": f"{model.tag}/generator"}}
     if judge is not None:
         sources["judge"] = {"kind": "object_judge", "source": f"{model.tag}/judge"}
+    corrector = None
+    if (path / "corrector").is_dir():  # PARM++: the reflective judge (same weights) and the self-correction generator
+        from cotgen.reflect.corrector import SelfCorrector
+        from cotgen.reflect.judge import ReflectiveJudge
+
+        judge, corrector = ReflectiveJudge.from_pretrained(path / "judge"), SelfCorrector.from_pretrained(path / "corrector")
+        sources["judge"]["kind"] = "object_judge+reflector"
+        sources["corrector"] = {"kind": "self_correction", "source": f"{model.tag}/corrector"}
     return VerifiedGenerator(generator, judge, SamplingConfig(**spec["sampling"]), SearchConfig(**spec["search"]),
-                             str(model.tag), dict(model.info.metadata), sources=sources)
+                             str(model.tag), dict(model.info.metadata), sources=sources, corrector=corrector)
+
+
+def _is_reflective(judge_dir: Path | None) -> bool:
+    """Whether ``judge_dir`` holds a ReflectiveJudge (its ``reflector/config.json``)."""
+    from cotgen.reflect.judge import REFLECTOR_DIR
+
+    return judge_dir is not None and (judge_dir / REFLECTOR_DIR / "config.json").is_file()

@@ -19,6 +19,7 @@ local one; with it, runs are recorded on that server)::
 
     python flows/retrain.py                      # default profile, in this checkout
     python flows/retrain.py --profile tiny       # tiny profile, in runs/tiny/ (a copy)
+    python flows/retrain.py --reflect            # + PARM++ (reflect/dvc.yaml), added to the promoted model
     python flows/retrain.py --serve --cron "0 3 * * *"   # a scheduled deployment
 
 Profiles: DVC reads the top level of ``params.yaml``, so a non-default profile runs in a
@@ -46,13 +47,15 @@ from prefect.cache_policies import NO_CACHE
 
 from cotgen.pipeline.gate import GateFailedError
 from cotgen.pipeline.orchestrate import (
-    RETRY_STAGES, StageFailedError, geneval_markdown, pipeline_stages, prepare_workdir, run_dvc, stale_stages,
-    stages_ran, upstream, use_remote,
+    RETRY_STAGES, StageFailedError, file_stages, geneval_markdown, pipeline_stages, prepare_workdir, run_dvc,
+    stale_stages, stages_ran, upstream, use_remote,
 )
 from cotgen.pipeline.package import REGISTRY_FILE, read_gate
 
 #: Stages the flow runs itself after the others (their order matters: gate, then package).
 FINAL_STAGES = ("gate", "package")
+#: PARM++ (issue 8): its stages run after promotion with ``reflect``; the last one adds PARM++ to the promoted model.
+REFLECT_DVCFILE = "reflect/dvc.yaml"
 #: GenEval summaries shown in the report, if present.
 REPORT_ROWS = {"ground truth": "metrics/geneval_ground_truth.json", "baseline (plain sampling)":
                "metrics/geneval_baseline.json", "verified generator (PARM)": "metrics/geneval_parm.json"}
@@ -150,7 +153,8 @@ def _is_align_stage(name: str) -> bool:
 
 @flow(name="cotgen-retrain", log_prints=True)
 def retrain(root: str = ".", profile: str | None = None, workdir: str | None = None, push_outputs: bool = True,
-            remote: str | None = None, only: list[str] | None = None, align: bool = False) -> dict:
+            remote: str | None = None, only: list[str] | None = None, align: bool = False,
+            reflect: bool = False) -> dict:
     """Retrain, evaluate, gate and promote.
 
     Args:
@@ -166,8 +170,16 @@ def retrain(root: str = ".", profile: str | None = None, workdir: str | None = N
         align: also run the DPO variants (issue 7: ``pairs_<v>``, ``<v>``, ``sample_<v>``,
             ``score_<v>``); they are not needed by the gate and take about 10 minutes each
             on the default profile.
+        reflect: after promotion, also run PARM++ (issue 8: every stage of
+            ``reflect/dvc.yaml``: reflection data, the judge's reflection head, the
+            self-correction generator, the Table-5 rows, then ``package_parm_pp``, which
+            promotes the model with PARM++ added when PARM++ scores at least PARM alone).
+            Hours on a 2-core CPU at N = 20. A PARM++ stage that fails or a refused
+            PARM++ gate leaves the promoted model as the main job left it.
     Returns:
-        ``{"workdir", "stages": [...], "gate": {...}, "promoted": tag, "geneval": overall}``.
+        ``{"workdir", "stages": [...], "gate": {...}, "promoted": tag, "geneval": overall}``
+        (``promoted``: the model with PARM++ when ``reflect`` added it; ``parm_pp_refused``:
+        why PARM++'s gate refused, if it did).
     Raises:
         GateFailedError: the gate failed (the flow run ends Failed, message naming the
             failed thresholds); the promoted model is unchanged.
@@ -205,10 +217,26 @@ def retrain(root: str = ".", profile: str | None = None, workdir: str | None = N
         done.append(repro(str(work), "package", force=True))
     update_progress_artifact(progress, 100.0)
     promoted = _promoted_present(work)
+    extra = {}
+    if reflect:
+        reflect_stages = file_stages(work, REFLECT_DVCFILE)
+        for name in reflect_stages:
+            try:
+                done.append(repro(str(work), name))
+            except StageFailedError as e:  # PARM++'s gate refused: the main job's promotion stands
+                if not name.endswith(":package_parm_pp"):
+                    raise
+                logger.warning(f"PARM++ not added to the promoted model {promoted}: {e}")
+                extra["parm_pp_refused"] = str(e)
+        if push_outputs:
+            push(str(work), remote, reflect_stages)
+        if "parm_pp_refused" not in extra:
+            promoted = json.loads((work / "data/reflect/registry.json").read_text())["promoted"]
+            logger.info(f"PARM++ added: {promoted} serves parm_pp")
     parm = json.loads((work / "metrics/geneval_parm.json").read_text())
     logger.info(f"promoted {promoted}: GenEval-Shapes overall {parm['overall']:.3f}")
     return {"workdir": str(work), "stages": done, "gate": verdict.to_dict(), "promoted": promoted,
-            "geneval": parm["overall"]}
+            "geneval": parm["overall"], **extra}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,13 +248,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--remote", default=None, help="DVC remote name, path or URL (default: .dvc/config's)")
     ap.add_argument("--only", nargs="+", help="only these stages and their upstream (then gate and package)")
     ap.add_argument("--align", action="store_true", help="also run the DPO variants (issue 7)")
+    ap.add_argument("--reflect", action="store_true",
+                    help="after promotion, also run PARM++ (issue 8: reflect/dvc.yaml) and add it to the promoted model")
     ap.add_argument("--serve", action="store_true", help="serve a scheduled deployment instead of running once")
     ap.add_argument("--cron", default="0 3 * * *", help="schedule of --serve (default: 03:00 daily)")
     ap.add_argument("--name", default="cotgen-retrain-nightly", help="deployment name of --serve")
     a = ap.parse_args(argv)
     params = {"root": str(Path(a.root).resolve()), "profile": a.profile, "workdir": a.workdir,
               "push_outputs": not a.no_push, "remote": a.remote, "only": a.only,
-              "align": a.align}
+              "align": a.align, "reflect": a.reflect}
     if a.serve:
         retrain.serve(name=a.name, cron=a.cron, parameters=params, tags=["cotgen", "retrain"])
         return

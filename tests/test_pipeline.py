@@ -26,6 +26,22 @@ def test_dvc_stages_call_pipeline_functions():
         assert stage["cmd"].startswith(f"cotgen stage {name}")
 
 
+def test_file_stages_lists_another_dvc_yaml_in_order(tmp_path):
+    from cotgen.pipeline.orchestrate import file_stages
+
+    names = file_stages(REPO, "reflect/dvc.yaml")
+    rows = ["parm_pp_corrector_sample", "parm_pp_corrector_orm", "parm_pp_corrector_parm", "parm_pp_noreflect",
+            "parm_pp"]
+    assert names == [f"reflect/dvc.yaml:{n}" for n in
+                     ["reflect_data", "reflect_judge", "corrector", *(f"table5@{r}" for r in rows), "package_parm_pp"]]
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x/dvc.yaml").write_text("stages:\n  s:\n    matrix: {a: [1], b: [2]}\n    cmd: echo\n")
+    with pytest.raises(ValueError, match="2 keys"):
+        file_stages(tmp_path, "x/dvc.yaml")
+    with pytest.raises(FileNotFoundError, match="missing"):
+        file_stages(tmp_path, "y/dvc.yaml")
+
+
 def test_params_profiles(tmp_path):
     tiny = load_params(REPO / "params.yaml", "tiny")
     default = load_params(REPO / "params.yaml")

@@ -336,6 +336,40 @@ def test_reflect_stages_on_the_tiny_pipeline(tiny_run, tmp_path):
         assert m["eval_prompts"] == 6  # one per tag
     assert json.loads((root / "metrics/geneval_parm_pp.json").read_text())["rounds_per_image"] <= 2
 
+    # package_parm_pp: PARM++ added to the promoted model, behind its gate
+    from cotgen.pipeline.gate import GateFailedError
+    from cotgen.registry import load_verified, promoted_model
+
+    with pytest.raises(FileNotFoundError, match="promote a verified generator first"):
+        run_stage("package_parm_pp", params, root)
+    run_stage("package", params, root)  # the main job's promotion (tiny root: no bentofile, no Bento)
+    base = str(promoted_model().tag)
+    gain = table["rows"]["parm_pp"]["overall"] - table["rows"]["parm_pp_corrector_parm"]["overall"]
+    params["reflect"]["package"] = {"min_gain": gain + 0.01}
+    with pytest.raises(GateFailedError, match="nothing promoted"):
+        run_stage("package_parm_pp", params, root)
+    assert str(promoted_model().tag) == base and load_verified().corrector is None
+    params["reflect"]["package"] = {"min_gain": gain - 0.01}
+    record = run_stage("package_parm_pp", params, root)
+    assert record["base"] == base and str(promoted_model().tag) == record["promoted"] != base
+    verified = load_verified()
+    assert isinstance(verified.corrector, SelfCorrector) and isinstance(verified.judge, ReflectiveJudge)
+    assert verified.info["parm_pp_overall"] == table["rows"]["parm_pp"]["overall"]
+    # the judge's own answers are the promoted judge's
+    base_judge = load_verified(base).judge
+    image = verified.generator.decode(torch.zeros(1, verified.generator.num_image_tokens, dtype=torch.long))[0]
+    assert np.allclose(verified.judge.score("outcome", ["a photo of a red circle"], [image], [1.0]),
+                       base_judge.score("outcome", ["a photo of a red circle"], [image], [1.0]))
+    from safetensors.torch import load_file, save_file
+
+    weights = root / "data/reflect/judge/model/model.safetensors"  # a reflector trained from another judge
+    tensors = load_file(str(weights))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1e-3
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="another judge"):
+        run_stage("package_parm_pp", params, root)
+
 
 def test_vlm_judge_generates_reflections():
     """The real-model route: a VLM judge answers the reflection question in text."""

@@ -32,16 +32,27 @@ SERVE_PARAMS = {"serve": {"max_n": MAX_N, "max_prompt_chars": 120, "max_cfg_scal
 
 
 @pytest.fixture(scope="module")
-def promoted(tiny_run):
-    """A tiny verified generator (parm, N=3), promoted: ``cotgen-verified:latest``."""
+def promoted(tiny_run, tmp_path_factory):
+    """A tiny verified generator (parm, N=3) with PARM++'s parts (a reflective judge and a
+    self-correction generator, untrained heads), promoted: ``cotgen-verified:latest``."""
+    from cotgen.generator.model import ShapesGenerator
     from cotgen.pipeline.stages import PATHS, sampling_config
+    from cotgen.reflect.corrector import corrector_from_generator
+    from cotgen.reflect.judge import ReflectiveJudge, reflector_from_judge
     from cotgen.registry import promote, save_candidate
+    from cotgen.reward.object_judge import ObjectJudge
     from cotgen.search import SearchConfig
 
     root, params, _ = tiny_run
+    parts = tmp_path_factory.mktemp("parm_pp")
+    judge = ObjectJudge.from_pretrained(root / PATHS["judge"])
+    ReflectiveJudge(judge, reflector_from_judge(judge)).save_pretrained(parts / "judge")
+    corrector_from_generator(ShapesGenerator.from_pretrained(root / PATHS["generator"])).save_pretrained(
+        parts / "corrector")
     scores = json.loads((root / "metrics/geneval_parm.json").read_text())
-    tag = save_candidate(root / PATHS["generator"], root / PATHS["judge"], sampling_config(params, 3),
-                         SearchConfig("parm"), scores, root=root)
+    tag = save_candidate(root / PATHS["generator"], parts / "judge", sampling_config(params, 3),
+                         SearchConfig("parm", max_rounds=2, accept_threshold=1.0), scores, root=root,
+                         corrector_dir=parts / "corrector")
     return str(promote(tag))
 
 
@@ -101,7 +112,7 @@ def test_info(client, promoted):
     assert info["tag"] == promoted and info["strategy"] == "parm" and info["sampling"]["n"] == 3
     assert "geneval_overall" in info["metadata"] and "git_revision" in info["metadata"]
     assert info["limits"]["max_n"] == MAX_N and info["image_size"] == 64
-    assert set(info["strategies"]) >= {"sample", "best_of_n", "prm", "parm"}
+    assert set(info["strategies"]) == {"sample", "best_of_n", "prm", "parm", "parm_pp"}
 
 
 def test_generate_parm_trace_and_steps(client, promoted):
@@ -147,6 +158,42 @@ def test_generate_other_strategies(server, strategy):
     assert again["image_png_base64"] == d["image_png_base64"]
 
 
+def test_generate_parm_pp_rounds(server):
+    """PARM++: the judge rejects every round (accept threshold 1.0), so both rounds run; the
+    second is conditioned on the first's reflection."""
+    body = {"prompt": PROMPT, "strategy": "parm_pp", "n": 2, "seed": 3}
+    r = _post(server, "/generate", json=body)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["strategy"] == "parm_pp" and [rd["round"] for rd in d["rounds"]] == [1, 2]
+    first, second = d["rounds"]
+    assert first["reflection"] and second["condition_reflection"] == first["reflection"]
+    assert first["condition_reflection"] is None and not first["accepted"]
+    assert _png(first["image_png_base64"]).size == (64, 64)
+    assert second["image_png_base64"] == d["image_png_base64"] and second["chosen"] == d["chosen"]
+    assert d["trace"]["compute"]["image_tokens"] == first["image_tokens"] + second["image_tokens"]
+    assert len(d["trace"]["candidates"]) == 2  # the last round's
+    assert _post(server, "/generate", json=body).json()["image_png_base64"] == d["image_png_base64"]
+
+
+def test_parm_pp_needs_the_self_correction_generator(tiny_run):
+    """A model without PARM++'s parts serves every strategy but parm_pp, and says why."""
+    from cotgen.pipeline.stages import PATHS, sampling_config
+    from cotgen.registry import load_verified, save_candidate
+    from cotgen.search import SearchConfig
+    from cotgen.serve.config import serve_config
+    from cotgen.serve.core import RequestError, VerifiedService
+
+    root, params, _ = tiny_run
+    scores = json.loads((root / "metrics/geneval_parm.json").read_text())
+    tag = save_candidate(root / PATHS["generator"], root / PATHS["judge"], sampling_config(params, 2),
+                         SearchConfig("parm"), scores, root=root)
+    service = VerifiedService(load_verified(str(tag)), serve_config(SERVE_PARAMS["serve"]))
+    assert service.strategies == ("sample", "best_of_n", "prm", "parm")
+    with pytest.raises(RequestError, match="self-correction generator"):
+        service.generate(PROMPT, strategy="parm_pp")
+
+
 def test_generate_defaults_are_the_promoted_ones(server):
     d = _post(server, "/generate", json={"prompt": "  A photo of a  red circle "}).json()
     assert d["prompt"] == "A photo of a red circle"  # whitespace collapsed (the tokenizer lower-cases)
@@ -186,7 +233,6 @@ BAD_GENERATE = [
     ({"n": 0}, "n"),
     ({"n": "many"}, "n"),
     ({"strategy": "beam"}, "strategy"),
-    ({"strategy": "parm_pp"}, "strategy"),
     ({"cfg_scale": -1}, "cfg_scale"),
     ({"cfg_scale": 1e6}, "cfg_scale"),
     ({"temperature": 0}, "temperature"),

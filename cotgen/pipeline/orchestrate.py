@@ -96,6 +96,30 @@ def pipeline_stages(root: Path) -> list[str]:
     return list(yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"])
 
 
+def file_stages(root: Path, dvcfile: str) -> list[str]:
+    """The stages of another ``dvc.yaml`` (e.g. ``reflect/dvc.yaml``) as ``dvc repro``
+    addresses (``reflect/dvc.yaml:reflect_data``), in file order, a one-key ``matrix``
+    expanded to ``name@value`` per value.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a matrix of more than one key (not needed so far)."""
+    path = Path(root) / dvcfile
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    out = []
+    for name, spec in yaml.safe_load(path.read_text())["stages"].items():
+        matrix = spec.get("matrix")
+        if not matrix:
+            out.append(f"{dvcfile}:{name}")
+        elif len(matrix) == 1:
+            (values,) = matrix.values()
+            out += [f"{dvcfile}:{name}@{v}" for v in values]
+        else:
+            raise ValueError(f"{path}: stage {name} has a matrix of {len(matrix)} keys; only one-key matrices are listed")
+    return out
+
+
 def _paths(entries) -> list[str]:
     out = []
     for e in entries or []:

@@ -77,6 +77,35 @@ def build_bento(root: Path, timeout: float = 900) -> str:
     return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "unknown"
 
 
+def promote_and_build(params: dict, root: Path, candidate) -> tuple[object, str | None]:
+    """Promote ``candidate`` (it becomes ``cotgen-verified:latest``) and, when
+    ``bentofile.yaml`` exists and ``package.build_bento`` is not false, build the Bento.
+    Returns ``(promoted tag, bento tag or None)``.
+
+    Raises:
+        FileNotFoundError: ``package.build_bento: true`` without ``bentofile.yaml``
+            (promotion undone).
+        RuntimeError: the Bento build failed (promotion undone).
+    """
+    import bentoml
+
+    from cotgen.registry import promote
+
+    promoted = promote(candidate)
+    build = str((params.get("package") or {}).get("build_bento", "auto")).lower()
+    bento = None
+    if build in ("true", "auto") and (root / BENTOFILE).is_file():
+        try:
+            bento = build_bento(root)
+        except Exception:
+            bentoml.models.delete(promoted)
+            raise
+    elif build == "true":
+        bentoml.models.delete(promoted)
+        raise FileNotFoundError(f"package.build_bento is true but {root / BENTOFILE} does not exist")
+    return promoted, bento
+
+
 def run_package(params: dict, root: Path) -> dict:
     """Promote the verified generator that passed the gate.
 
@@ -92,10 +121,8 @@ def run_package(params: dict, root: Path) -> dict:
         FileNotFoundError: ``package.build_bento: true`` without ``bentofile.yaml``.
         RuntimeError: the Bento build failed (promotion undone).
     """
-    import bentoml
-
     from cotgen.pipeline.stages import PATHS, sampling_config
-    from cotgen.registry import promote, save_candidate
+    from cotgen.registry import save_candidate
     from cotgen.search import SearchConfig
 
     gate = read_gate(root)
@@ -108,18 +135,7 @@ def run_package(params: dict, root: Path) -> dict:
     sampling = sampling_config(params, se["n"])
     candidate = save_candidate(root / PATHS["generator"], root / PATHS["judge"], sampling, search, scores, root=root,
                                labels={"gate": "passed"})
-    promoted = promote(candidate)
-    build = str((params.get("package") or {}).get("build_bento", "auto")).lower()
-    bento = None
-    if build in ("true", "auto") and (root / BENTOFILE).is_file():
-        try:
-            bento = build_bento(root)
-        except Exception:
-            bentoml.models.delete(promoted)
-            raise
-    elif build == "true":
-        bentoml.models.delete(promoted)
-        raise FileNotFoundError(f"package.build_bento is true but {root / BENTOFILE} does not exist")
+    promoted, bento = promote_and_build(params, root, candidate)
     record = {
         "promoted": str(promoted),
         "candidate": str(candidate),
@@ -137,4 +153,5 @@ def run_package(params: dict, root: Path) -> dict:
     return metrics
 
 
-__all__ = ["GATE_FILE", "PACKAGE_FILE", "REGISTRY_FILE", "build_bento", "read_gate", "run_gate", "run_package"]
+__all__ = ["GATE_FILE", "PACKAGE_FILE", "REGISTRY_FILE", "build_bento", "promote_and_build", "read_gate", "run_gate",
+           "run_package"]

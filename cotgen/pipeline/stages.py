@@ -644,7 +644,8 @@ def _plot_replay(path: Path, summary: dict) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"Search strategies replayed ({summary.get('generator', 'generator')}): "
-                 f"{summary['records']} recorded prompts x {n_max} paths")
+                 f"{summary['records']} final images ({summary.get('images_per_prompt', 1)} per prompt) "
+                 f"x {n_max} paths")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -799,8 +800,9 @@ def stage_score_variant(params: dict, root: Path = Path("."), variant: str = "dp
 # --------------------------------------------------------------- PARM++ (reflect/dvc.yaml, on demand)
 
 #: PARM++ stages (cotgen/reflect/stages.py): reflection data, the judge's reflection
-#: head, the self-correction generator, the Table-5 analogue (and its rows, ``table5_<row>``).
-REFLECT_STAGES = ("reflect_data", "reflect_judge", "corrector", "reflect_table")
+#: head, the self-correction generator, the Table-5 analogue (and its rows, ``table5_<row>``),
+#: and the promoted model with PARM++ added (``package_parm_pp``).
+REFLECT_STAGES = ("reflect_data", "reflect_judge", "corrector", "reflect_table", "package_parm_pp")
 
 
 def _reflect_stage(name: str, row: str | None = None):

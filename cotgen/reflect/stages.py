@@ -204,3 +204,103 @@ def stage_reflect_table(params: dict, root: Path = Path(".")) -> dict:
     out = {"rows": table, "reflection_gain": rows["parm_pp"]["overall"] - rows["parm_pp_noreflect"]["overall"]}
     _write_json(root / "metrics/reflect_table5.json", out)
     return out
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two saved models (``model.safetensors`` under ``a`` and ``b``) hold the same
+    tensors (names, shapes, values); their config.json may differ in bookkeeping keys."""
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(Path(a) / "model.safetensors")), load_file(str(Path(b) / "model.safetensors"))
+    return wa.keys() == wb.keys() and all(wa[k].shape == wb[k].shape and torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def stage_package_parm_pp(params: dict, root: Path = Path(".")) -> dict:
+    """Give the promoted verified generator PARM++ (issue 8: "the strategy to the
+    service"): a new version of ``cotgen-verified`` with the promoted model's generator,
+    judge and search settings, plus the reflection head (``data/reflect/judge``: the same
+    judge weights and a reflector) and the self-correction generator
+    (``data/reflect/corrector``). It becomes ``cotgen-verified:latest`` and the service
+    answers ``strategy: parm_pp`` with it (every round the self-correction generator's,
+    round 1 from a blank canvas, as in the Table-5 rows that gate it); the Bento is
+    rebuilt as in ``package``. Writes
+    ``data/reflect/registry.json`` and ``metrics/package_parm_pp.json``.
+
+    The gate (``reflect.package.min_gain``): PARM++ with reflection
+    (``metrics/geneval_parm_pp.json``) must score at least the Table-5 row of the same
+    self-correction generator with PARM alone (``geneval_parm_pp_corrector_parm``) plus
+    ``min_gain``, on the same prompts and N.
+
+    Raises:
+        GateFailedError: the gate refused (the promoted model is untouched).
+        FileNotFoundError: no promoted model (``data/registry.json`` or the store), or a
+            missing PARM++ output (named, with the stage that makes it).
+        ValueError: the reflective judge was trained from another judge than the
+            promoted one's, or the Table-5 rows used different prompts or N.
+    """
+    import time
+
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    from cotgen.pipeline.gate import GateFailedError
+    from cotgen.pipeline.package import REGISTRY_FILE, promote_and_build
+    from cotgen.registry import VERIFIED_FILE, save_candidate
+
+    start = time.time()
+    record_file = root / REGISTRY_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{record_file} is missing: promote a verified generator first (`dvc repro package` "
+                                "or `python flows/retrain.py`)")
+    base_tag = json.loads(record_file.read_text())["promoted"]
+    try:
+        base = bentoml.models.get(base_tag)
+    except NotFound:
+        raise FileNotFoundError(f"the promoted model {base_tag} of {record_file} is not in this BentoML store; "
+                                "run `dvc repro package --force` or the retrain flow") from None
+    for key, stage in (("judge", "reflect_judge"), ("corrector", "corrector")):
+        if not (root / PATHS[key]).is_dir():
+            raise FileNotFoundError(f"{root / PATHS[key]} is missing; run `dvc repro reflect/dvc.yaml:{stage}`")
+    base_path = Path(base.path)
+    reflective = root / PATHS["judge"]
+    if not _same_weights(reflective / "model", base_path / "judge" / "model"):
+        raise ValueError(f"the reflective judge in {reflective} was trained from another judge than the promoted "
+                         f"model {base_tag}'s; re-run the PARM++ stages (`dvc repro reflect/dvc.yaml`) after the main job")
+    rows = {}
+    for name in ("parm_pp", "parm_pp_corrector_parm"):
+        f = root / f"metrics/geneval_{name}.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing; run `dvc repro reflect/dvc.yaml:table5@{name}`")
+        rows[name] = json.loads(f.read_text())
+    if {(m.get("n"), m.get("eval_prompts"), m.get("images")) for m in rows.values()} != {
+            (rows["parm_pp"].get("n"), rows["parm_pp"].get("eval_prompts"), rows["parm_pp"].get("images"))}:
+        raise ValueError("the Table-5 rows parm_pp and parm_pp_corrector_parm were measured on different prompts or N; "
+                         "re-run `dvc repro reflect/dvc.yaml`")
+    min_gain = float((params["reflect"].get("package") or {}).get("min_gain", 0.0))
+    gain = rows["parm_pp"]["overall"] - rows["parm_pp_corrector_parm"]["overall"]
+    if gain < min_gain:
+        raise GateFailedError(
+            f"PARM++ {rows['parm_pp']['overall']:.3f} is {gain:+.3f} against PARM alone "
+            f"({rows['parm_pp_corrector_parm']['overall']:.3f}) with the self-correction generator, below "
+            f"reflect.package.min_gain {min_gain:+.3f} -- nothing promoted; the promoted model stays {base_tag}")
+    from cotgen.generator.sampling import SamplingConfig
+    from cotgen.search import SearchConfig
+
+    spec = json.loads((base_path / VERIFIED_FILE).read_text())
+    meta = base.info.metadata  # the promoted model's GenEval scores (its own strategy) travel with it
+    scores = {"overall": meta["geneval_overall"], "parm_pp_overall": rows["parm_pp"]["overall"],
+              "tags": {k[len("geneval_"):]: v for k, v in meta.items()
+                       if k.startswith("geneval_") and k != "geneval_overall"}}
+    candidate = save_candidate(base_path / "generator", reflective, SamplingConfig(**spec["sampling"]),
+                               SearchConfig(**spec["search"]), scores, root=root,
+                               labels={"gate": "passed", "parm_pp": "true", "base": str(base.tag)},
+                               corrector_dir=root / PATHS["corrector"])
+    promoted, bento = promote_and_build(params, root, candidate)
+    record = {"promoted": str(promoted), "candidate": str(candidate), "base": str(base.tag), "bento": bento,
+              "parm_pp_overall": rows["parm_pp"]["overall"],
+              "parm_overall_same_generator": rows["parm_pp_corrector_parm"]["overall"], "parm_pp_gain": gain,
+              "min_gain": min_gain}
+    _write_json(root / "data/reflect/registry.json", record)
+    _write_json(root / "metrics/package_parm_pp.json", {**record, "seconds": round(time.time() - start, 2)})
+    return record

@@ -73,9 +73,10 @@ class VerifiedService:
         self.config = config
         self.generator = verified.generator
         self.judge = verified.judge
-        # parm_pp needs a self-correction generator, which the promoted model does not carry yet
-        self.strategies = tuple(s for s in STRATEGIES
-                                if s != "parm_pp" and (s == "sample" or self.judge is not None))
+        #: PARM++'s self-correction generator, when the model carries one (``package_parm_pp``)
+        self.corrector = getattr(verified, "corrector", None)
+        self.strategies = tuple(s for s in STRATEGIES if s == "sample" or (
+            self.judge is not None and (s != "parm_pp" or self.corrector is not None)))
         self._lock = threading.Lock()
 
     # -- checks ---------------------------------------------------------------------------
@@ -100,6 +101,9 @@ class VerifiedService:
         strategy = strategy or self.verified.search.strategy
         if strategy not in self.strategies:
             extra = "" if self.judge is not None else " (the promoted model has no judge)"
+            if strategy == "parm_pp" and self.judge is not None:
+                extra = (" (parm_pp needs a model with PARM++'s self-correction generator: "
+                         "`dvc repro reflect/dvc.yaml` adds one to the promoted model)")
             raise RequestError(f"unknown strategy {strategy!r}; expected one of {', '.join(self.strategies)}{extra}")
         return strategy
 
@@ -140,18 +144,31 @@ class VerifiedService:
         with self._lock:
             waited = time.perf_counter() - t0
             try:
-                result = search(self.generator, self.judge, [prompt], sampling, config, keep_steps=return_steps)[0]
+                result = search(self._generator_for(strategy), self.judge, [prompt], sampling, config,
+                                keep_steps=return_steps, **self._parm_pp_kwargs(strategy))[0]
             except ValueError as e:  # a knob the checks above missed: still the request's fault
                 raise RequestError(str(e)) from None
         return result, sampling, strategy, waited
 
+    def _generator_for(self, strategy: str):
+        """parm_pp runs the self-correction generator in every round (round 1 from a blank
+        canvas, as the Table-5 rows that gated it did); the others the promoted generator."""
+        return self.corrector.generator if strategy == "parm_pp" else self.generator
+
+    def _parm_pp_kwargs(self, strategy: str) -> dict:
+        if strategy != "parm_pp":
+            return {}
+        cond, null = self.corrector.first_round(1)
+        return {"corrector": self.corrector, "condition": cond, "null_condition": null}
+
     def generate_json(self, return_steps: bool = False, **request) -> dict:
         """:meth:`generate` as the JSON answer (see :mod:`cotgen.serve.service`)."""
         result, sampling, strategy, waited = self.generate(return_steps=return_steps, **request)
-        chosen = next(t for t in result.paths if t.candidate == result.chosen)
+        paths = result.rounds[-1]["paths"] if result.rounds else result.paths  # parm_pp: the last round's
+        chosen = next(t for t in paths if t.candidate == result.chosen)
         num_steps = self.generator.num_image_tokens // (sampling.tokens_per_step or self.generator.grid_size)
         candidates = []
-        for t in result.paths:
+        for t in paths:
             status = "chosen" if t.candidate == result.chosen else ("cut" if t.cut_at_step is not None else "finished")
             candidates.append({**asdict(t), "status": status})
         answer = {
@@ -172,6 +189,13 @@ class VerifiedService:
                 "compute": {**result.compute, "queue_seconds": waited},
             },
             "steps": [],
+            "rounds": [
+                {"round": rd["round"], "image_png_base64": png_base64(rd["image"]), "outcome": rd["score"],
+                 "accepted": rd["accepted"], "reflection": rd["reflection"],
+                 "condition_reflection": rd["condition_reflection"], "chosen": rd["chosen"],
+                 "image_tokens": rd["compute"]["image_tokens"]}
+                for rd in (result.rounds or [])
+            ],
         }
         if return_steps and result.steps is not None:
             answer["steps"] = [

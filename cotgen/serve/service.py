@@ -16,13 +16,15 @@ file it reads (``$COTGEN_PARAMS``, else ``./params.yaml``; :mod:`cotgen.serve.co
 
 Endpoints (all POST with a JSON body, except ``judge``, which takes multipart form data):
 
-- ``/generate``: ``prompt``, ``strategy`` (``sample``, ``best_of_n``, ``prm``, ``parm``;
-  default: the served model's), ``n``, ``seed``, ``cfg_scale``, ``temperature``, ``top_k``
-  (defaults: the served model's), ``return_steps``. Answers JSON: the chosen image as a
-  base64 PNG, its scores, the trace (every candidate: the step at which it became clear,
-  its potential, where it was cut, its outcome score, its tokens and forward passes; the
-  compute spent: image tokens, forward passes, judge calls, seconds) and, with
-  ``return_steps``, every candidate's intermediate images.
+- ``/generate``: ``prompt``, ``strategy`` (``sample``, ``best_of_n``, ``prm``, ``parm``, and
+  ``parm_pp`` when the promoted model carries PARM++'s self-correction generator:
+  ``dvc repro reflect/dvc.yaml``; default: the served model's), ``n``, ``seed``,
+  ``cfg_scale``, ``temperature``, ``top_k`` (defaults: the served model's),
+  ``return_steps``. Answers JSON: the chosen image as a base64 PNG, its scores, the trace
+  (every candidate: the step at which it became clear, its potential, where it was cut,
+  its outcome score, its tokens and forward passes; the compute spent: image tokens,
+  forward passes, judge calls, seconds), with ``return_steps`` every candidate's
+  intermediate images, and for ``parm_pp`` every round (image, score, reflection).
 - ``/generate_image``: the same request, answers the chosen image as ``image/png``
   (headers ``X-Cotgen-Chosen``, ``X-Cotgen-Score``, ``X-Cotgen-Model``).
 - ``/judge``: ``prompt`` and an uploaded image file; answers the reward model's outcome
@@ -121,6 +123,17 @@ class StepImages(BaseModel):
     images_png_base64: list[str]
 
 
+class Round(BaseModel):
+    round: int = Field(description="1-based generation round of parm_pp")
+    image_png_base64: str = Field(description="the round's chosen image, PNG, base64")
+    outcome: Optional[float] = Field(None, description="judge's P(yes) for the round's image")
+    accepted: bool = Field(description="outcome >= the accept threshold (or the last round)")
+    reflection: Optional[str] = Field(None, description="what the judge says is wrong (rejected rounds)")
+    condition_reflection: Optional[str] = Field(None, description="the reflection this round was generated from")
+    chosen: int
+    image_tokens: int
+
+
 class GenerateResponse(BaseModel):
     prompt: str
     strategy: str
@@ -138,6 +151,8 @@ class GenerateResponse(BaseModel):
     # then fails to decode a null
     steps: list[StepImages] = Field(default_factory=list, description="per candidate, its image after each "
                                     "step it lived (only with return_steps)")
+    rounds: list[Round] = Field(default_factory=list, description="parm_pp only: every round's image, score "
+                                "and reflection (the trace's candidates are the last round's)")
 
 
 class JudgeResponse(BaseModel):
