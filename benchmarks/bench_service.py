@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a star and a heart",
-           "a photo of a green triangle left of a yellow cross"]
+           "a photo of a green triangle and a yellow cross"]  # GenEval templates (parm_pp parses them)
 
 
 def tiny_model(home: Path) -> str:

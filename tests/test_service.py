@@ -174,6 +174,11 @@ def test_generate_parm_pp_rounds(server):
     assert d["trace"]["compute"]["image_tokens"] == first["image_tokens"] + second["image_tokens"]
     assert len(d["trace"]["candidates"]) == 2  # the last round's
     assert _post(server, "/generate", json=body).json()["image_png_base64"] == d["image_png_base64"]
+    # a prompt the generator takes but the reflection cannot parse: 400 before any search
+    r = _post(server, "/generate", json={**body, "prompt": "a photo of a green triangle left of a yellow cross"})
+    assert r.status_code == 400 and "GenEval-style prompts only" in r.text
+    ok = _post(server, "/generate", json={**body, "strategy": "parm", "prompt": "a photo of a green triangle left of a yellow cross"})
+    assert ok.status_code == 200, ok.text
 
 
 def test_parm_pp_needs_the_self_correction_generator(tiny_run):

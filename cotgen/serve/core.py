@@ -107,6 +107,21 @@ class VerifiedService:
             raise RequestError(f"unknown strategy {strategy!r}; expected one of {', '.join(self.strategies)}{extra}")
         return strategy
 
+    def check_reflectable(self, prompt: str) -> None:
+        """RequestError unless the judge can reflect on ``prompt`` (parm_pp): the reflection
+        names failures against the prompt's GenEval metadata, so the prompt must follow one
+        of GenEval's six templates (:func:`cotgen.reflect.text.parse_prompt`). Checked
+        before any search runs."""
+        from cotgen.reflect.text import parse_prompt
+
+        try:
+            parse_prompt(prompt)
+        except ValueError:
+            raise RequestError(
+                f"parm_pp reflects on GenEval-style prompts only (one of GenEval's six templates: one object, two "
+                f"objects, a count, a colour, a relation between two uncoloured objects, two coloured objects); "
+                f"{prompt!r} is none of them (the other strategies accept it)") from None
+
     def sampling(self, n, seed, cfg_scale, temperature, top_k):
         """The promoted SamplingConfig with the request's overrides; RequestError if out of bounds."""
         base = self.verified.sampling
@@ -138,6 +153,8 @@ class VerifiedService:
 
         prompt = self.check_prompt(prompt)
         strategy = self.check_strategy(strategy)
+        if strategy == "parm_pp":
+            self.check_reflectable(prompt)
         sampling = self.sampling(n, seed, cfg_scale, temperature, top_k)
         config = replace(self.verified.search, strategy=strategy)
         t0 = time.perf_counter()
