@@ -20,7 +20,11 @@ DEFAULT_DETECTOR = Path("data/detector")
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    """Print ``error: MESSAGE`` to stderr, unwrapped (callers such as the retrain flow keep
+    the error lines of the output) and with brackets taken literally, then exit ``code``."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -88,3 +88,16 @@ def test_missing_detector_says_how_to_make_one(folder, tmp_path):
     result = runner.invoke(app, ["geneval", "score", str(folder / "gt"), "--out", str(tmp_path / "r.jsonl"),
                                  "--detector", str(tmp_path / "none")])
     assert result.exit_code == 2 and "train-detector" in result.output
+    (line,) = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+    assert line.endswith("or `dvc repro detector`")  # one line, however long: the flow keeps error lines
+
+
+def test_error_messages_keep_brackets():
+    import typer
+
+    from cotgen.cli import _fail
+
+    cli = typer.Typer()
+    cli.command()(lambda: _fail("thresholds must lie in [0, 1], got [bold]2[/bold]"))
+    result = runner.invoke(cli, [])
+    assert result.exit_code == 2 and "must lie in [0, 1], got [bold]2[/bold]" in result.output
