@@ -161,22 +161,21 @@ class VerifiedService:
         with self._lock:
             waited = time.perf_counter() - t0
             try:
-                result = search(self._generator_for(strategy), self.judge, [prompt], sampling, config,
-                                keep_steps=return_steps, **self._parm_pp_kwargs(strategy))[0]
+                generator, extra = self._search_inputs(strategy)
+                result = search(generator, self.judge, [prompt], sampling, config, keep_steps=return_steps,
+                                **extra)[0]
             except ValueError as e:  # a knob the checks above missed: still the request's fault
                 raise RequestError(str(e)) from None
         return result, sampling, strategy, waited
 
-    def _generator_for(self, strategy: str):
-        """parm_pp runs the self-correction generator in every round (round 1 from a blank
-        canvas, as the Table-5 rows that gated it did); the others the promoted generator."""
-        return self.corrector.generator if strategy == "parm_pp" else self.generator
-
-    def _parm_pp_kwargs(self, strategy: str) -> dict:
+    def _search_inputs(self, strategy: str) -> tuple[object, dict]:
+        """``(generator, extra search kwargs)``: parm_pp runs the self-correction generator
+        in every round (round 1 from a blank canvas, as the Table-5 rows that gated it did);
+        the others the promoted generator."""
         if strategy != "parm_pp":
-            return {}
+            return self.generator, {}
         cond, null = self.corrector.first_round(1)
-        return {"corrector": self.corrector, "condition": cond, "null_condition": null}
+        return self.corrector.generator, {"corrector": self.corrector, "condition": cond, "null_condition": null}
 
     def generate_json(self, return_steps: bool = False, **request) -> dict:
         """:meth:`generate` as the JSON answer (see :mod:`cotgen.serve.service`)."""

@@ -127,7 +127,7 @@ class Round(BaseModel):
     round: int = Field(description="1-based generation round of parm_pp")
     image_png_base64: str = Field(description="the round's chosen image, PNG, base64")
     outcome: Optional[float] = Field(None, description="judge's P(yes) for the round's image")
-    accepted: bool = Field(description="outcome >= the accept threshold (or the last round)")
+    accepted: bool = Field(description="outcome >= the accept threshold (a rejected round gets a reflection)")
     reflection: Optional[str] = Field(None, description="what the judge says is wrong (rejected rounds)")
     condition_reflection: Optional[str] = Field(None, description="the reflection this round was generated from")
     chosen: int
