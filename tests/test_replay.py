@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from cotgen.search.replay import read_records, replay
+from cotgen.search.replay import judge_on_records, read_records, replay
 
 #: three paths, four steps of four tokens; scores after steps 1-3
 RECORD = {"num_steps": 4, "tokens_per_step": 4, "paths": [
@@ -36,6 +36,22 @@ def test_replay_rules_on_a_scripted_record():
         replay(RECORD, "best_of_n", 4)
     with pytest.raises(ValueError, match="unknown strategy"):
         replay(RECORD, "beam", 3)
+
+
+def test_oracle_picks_a_correct_path_when_there_is_one():
+    assert replay(RECORD, "oracle", 3) == {"chosen": 1, "correct": True, "image_tokens": 48, "cut": {}}
+    assert replay(RECORD, "oracle", 1)["correct"] is False  # path 0 alone is wrong: no ceiling above it
+
+
+def test_judge_on_records_measures_the_recorded_scores():
+    wrong = {**RECORD, "tag": "colors", "paths": [{**p, "correct": not p["correct"]} for p in RECORD["paths"]]}
+    out = judge_on_records([{**RECORD, "tag": "counting"}, wrong], ci=False)
+    # counting: the correct path (0.9) is outscored by one wrong one (0.95) -> 1/2; colors: 0.4 < 0.95 vs 0.9 -> 1/2
+    assert out["outcome_by_tag"]["counting"]["auroc"] == 0.5 and out["outcome_by_tag"]["colors"]["auroc"] == 0.5
+    assert out["outcome"]["n"] == 6 and out["outcome"]["yes_rate"] == 0.5
+    assert set(out["potential_by_step"]) == {"1", "2", "3"}
+    with pytest.raises(ValueError, match="no records"):
+        judge_on_records([])
 
 
 def test_replay_matches_the_real_search(tiny_run, tmp_path):
@@ -80,8 +96,13 @@ def test_replay_matches_the_real_search(tiny_run, tmp_path):
     assert summary["check_parm_traces"]["same_tokens"] == 1.0
     metrics = json.loads((root / "metrics/search_replay.json").read_text())
     strategies = {row["strategy"] for row in metrics["rows"]}
-    assert strategies == {"sample", "best_of_n", "prm", "parm", "parm_top_k"}
+    assert strategies == {"sample", "best_of_n", "prm", "parm", "parm_top_k", "oracle"}
     assert all(0 <= row["overall"] <= 1 for row in metrics["rows"])
+    for n in params["replay"]["ns"]:  # no verifier beats the evaluator's own pick among the same paths
+        at_n = [row for row in metrics["rows"] if row["n"] == n and row["strategy"] in ("best_of_n", "prm", "parm")]
+        oracle = next(row for row in metrics["rows"] if row["n"] == n and row["strategy"] == "oracle")
+        assert all(row["overall"] <= oracle["overall"] + 1e-9 for row in at_n)
+    assert metrics["judge_on_eval_paths"]["outcome"]["n"] == len(records) * n
     assert (root / "plots/search_replay.png").stat().st_size > 0
     for strategy in ("sample", "best_of_n", "prm", "parm"):  # issue 4's per-strategy files, the same numbers
         per = json.loads((root / f"metrics/geneval_{strategy}_replay.json").read_text())

@@ -70,6 +70,24 @@ def test_trajectories_and_labels(traj, tmp_path):
         Trajectories.load(tmp_path)
 
 
+def test_more_heldout_paths_leave_the_training_data_alone(traj):
+    gen, t = traj
+    cfg = SamplingConfig(n=1, cfg_scale=1.0, tokens_per_step=16)
+    more = sample_trajectories(gen, HashDetector(), PROMPTS, paths_per_prompt=4, sampling=cfg, heldout_fraction=0.34,
+                               prm_steps=[2], prm_rollouts=3, progress=False, heldout_paths_per_prompt=7)
+    n = len(t.paths)  # the first paths, their tokens and the PRM labels are exactly those without extra paths
+    assert more.paths[:n] == t.paths and torch.equal(more.tokens[:n], t.tokens) and more.prm == t.prm
+    held = {p["prompt"] for p in t.paths if p["split"] == "heldout"}
+    extra = more.paths[n:]
+    assert len(extra) == 3 * len(held) and {p["prompt"] for p in extra} == held
+    assert all(p["split"] == "heldout" and p["candidate"] in (4, 5, 6) for p in extra)
+    train = [e for e in judge_examples(t, 2, steps_per_path=2) if e["split"] == "train"]
+    assert [e for e in judge_examples(more, 2, steps_per_path=2) if e["split"] == "train"] == train
+    with pytest.raises(ValueError, match="heldout_paths_per_prompt"):
+        sample_trajectories(gen, HashDetector(), PROMPTS, paths_per_prompt=4, sampling=cfg,
+                            heldout_paths_per_prompt=2, progress=False)
+
+
 def test_judge_examples_follow_the_rules(traj):
     _, t = traj
     ex = judge_examples(t, clarity_boundary=2)

@@ -302,7 +302,7 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
     traj = sample_trajectories(
         generator, detector, prompts, t["paths_per_prompt"], cfg, heldout_fraction=t["heldout_fraction"],
         prm_steps=t["prm_steps"], prm_rollouts=t["prm_rollouts"], prm_paths_per_prompt=t["prm_paths_per_prompt"],
-        batch_prompts=t["batch_prompts"], seed=t["seed"],
+        batch_prompts=t["batch_prompts"], seed=t["seed"], heldout_paths_per_prompt=t.get("heldout_paths_per_prompt"),
     )
     if t.get("render_prompts", 0) > 0:  # renderer scenes and near misses of other training prompts
         from cotgen.reward.data import concat_trajectories, render_trajectories
@@ -564,7 +564,7 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
     of :data:`REPLAY_STRATEGIES` at N = ``replay.n`` (``sample``: one path) with the
     recording's images per prompt in ``metrics/geneval_<strategy>_replay.json`` (issue 4's
     per-strategy files)."""
-    from cotgen.search.replay import check_against_traces, read_records, replay_summary
+    from cotgen.search.replay import check_against_traces, judge_on_records, read_records, replay_summary
 
     se, rp = params["search"], params["replay"]
     _, records_file, name = _replay_names(variant)
@@ -576,6 +576,7 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
         rows.append(replay_summary(records, "best_of_n", n))
         rows.append(replay_summary(records, "prm", n))
         rows.append(replay_summary(records, "parm", n, potential_threshold=se["potential_threshold"], **thr))
+        rows.append(replay_summary(records, "oracle", n))
     for t in rp["potential_thresholds"]:
         rows.append(replay_summary(records, "parm", N, potential_threshold=t, **thr))
     for c in rp.get("clarity_thresholds", []):  # a later clear step: potential judged on more of the image
@@ -593,6 +594,7 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
                 records, lines, "parm", potential_threshold=se["potential_threshold"], **thr)
     summary["generator"] = variant or "generator"
     summary["images_per_prompt"] = 1 + max((r["image"] for r in records), default=0)
+    summary["judge_on_eval_paths"] = judge_on_records(records)
     write_summary(root / f"metrics/{name}.json", summary)
     if variant is None:  # issue 4's per-strategy files: each strategy at N = replay.n (sample: path 0)
         for strategy in REPLAY_STRATEGIES:
@@ -621,6 +623,9 @@ def _plot_replay(path: Path, summary: dict) -> None:
                       and r.get("potential_threshold", t0) == t0 and r.get("clarity_threshold", c0) == c0})
         a.plot([p[0] for p in pts], [p[1] for p in pts], style, label=strategy)
         b.plot([p[2] for p in pts], [p[1] for p in pts], style, label=f"{strategy} (N sweep)")
+    oracle = sorted((r["n"], r["overall"]) for r in rows if r["strategy"] == "oracle")
+    if oracle:  # the evaluator picks: the ceiling of every verifier over the same paths
+        a.plot([p[0] for p in oracle], [p[1] for p in oracle], "x--", color="black", label="oracle (GenEval picks)")
     sample = next(r for r in rows if r["strategy"] == "sample")
     a.axhline(sample["overall"], color="grey", ls=":", label="sample")
     clarities = sorted({r["clarity_threshold"] for r in rows if r["strategy"] == "parm"})

@@ -110,8 +110,11 @@ def replay(record: dict, strategy: str, n: int, clarity_threshold: float = 0.5, 
 
     Args:
         record: a :func:`record_paths` record with at least ``n`` paths.
-        strategy: ``sample``, ``best_of_n``, ``prm``, ``parm`` or ``parm_top_k`` (``k``
-            paths per prompt go on at the first clear step, by potential).
+        strategy: ``sample``, ``best_of_n``, ``prm``, ``parm``, ``parm_top_k`` (``k``
+            paths per prompt go on at the first clear step, by potential) or
+            ``oracle`` (best-of-N with GenEval's verdict in place of the ORM: the first
+            correct path, if any. Not a strategy anyone can run, since it asks the
+            evaluator; it is the ceiling of every verifier over the same N paths).
     Returns:
         ``chosen`` (candidate), ``correct`` (GenEval's verdict on the chosen image),
         ``image_tokens`` (generated, cut paths included), ``cut`` (candidate -> step).
@@ -158,9 +161,12 @@ def replay(record: dict, strategy: str, n: int, clarity_threshold: float = 0.5, 
             for i in drop:
                 cut[i] = s + 1
             alive = [i for i in alive if i not in drop]
-    elif strategy != "best_of_n":
+    elif strategy not in ("best_of_n", "oracle"):
         raise ValueError(f"unknown strategy {strategy!r}")
-    best = max(alive, key=lambda i: paths[i]["outcome"])
+    if strategy == "oracle":
+        best = next((i for i in alive if paths[i]["correct"]), alive[0])
+    else:
+        best = max(alive, key=lambda i: paths[i]["outcome"])
     tokens = sum(cut.get(i, S) * tps for i in range(n))
     return {"chosen": best, "correct": paths[best]["correct"], "image_tokens": tokens, "cut": cut}
 
@@ -178,6 +184,35 @@ def replay_summary(records: Sequence[dict], strategy: str, n: int, **knobs) -> d
     summary = summarize(lines, n=n)
     summary.update(strategy=strategy, n=n, image_tokens_per_image=float(np.mean(tokens)), replayed=True, **knobs)
     return summary
+
+
+def judge_on_records(records: Sequence[dict], ci: bool = True) -> dict:
+    """How well the recorded judge scores separate GenEval's verdicts on the recorded
+    (evaluation-set) paths, which no judge is trained on: ``outcome`` (P(yes) of every
+    final image; AUROC, its 95% bootstrap interval with ``ci``, accuracy at 0.5, ``n``,
+    ``yes_rate``), ``outcome_by_tag`` (AUROC within each GenEval tag: how well the ORM
+    picks among one prompt's kind of paths) and ``potential_by_step`` (AUROC of
+    potential after step s + 1 against the path's final verdict).
+
+    Raises:
+        ValueError: no records.
+    """
+    from cotgen.reward.train import _binary_metrics
+
+    if not records:
+        raise ValueError("no records to measure the judge on")
+    paths = [(r["tag"], p) for r in records for p in r["paths"]]
+    labels = np.array([p["correct"] for _, p in paths], dtype=int)
+    out = {"outcome": _binary_metrics(labels, np.array([p["outcome"] for _, p in paths]), ci=ci)}
+    out["outcome_by_tag"] = {}
+    for tag in sorted({t for t, _ in paths}):
+        m = np.array([t == tag for t, _ in paths])
+        out["outcome_by_tag"][tag] = _binary_metrics(labels[m], np.array([p["outcome"] for t, p in paths if t == tag]))
+    steps = len(paths[0][1]["potential"])
+    out["potential_by_step"] = {
+        str(s + 1): _binary_metrics(labels, np.array([p["potential"][s] for _, p in paths]))["auroc"] for s in range(steps)
+    }
+    return out
 
 
 def check_against_traces(records: Sequence[dict], trace_lines: Sequence[dict], strategy: str, **knobs) -> dict:
