@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from cotgen.search.replay import judge_on_records, read_records, replay
+from cotgen.search.replay import calibrate_parm, judge_on_records, read_records, replay
 
 #: three paths, four steps of four tokens; scores after steps 1-3
 RECORD = {"num_steps": 4, "tokens_per_step": 4, "paths": [
@@ -52,6 +52,29 @@ def test_judge_on_records_measures_the_recorded_scores():
     assert set(out["potential_by_step"]) == {"1", "2", "3"}
     with pytest.raises(ValueError, match="no records"):
         judge_on_records([])
+
+
+def test_calibration_picks_the_cheapest_parm_setting_that_keeps_best_of_n():
+    meta = {"tag": "single_object", "prompt": "a photo of a circle", "include": [{"class": "circle", "count": 1}]}
+    records = [{**RECORD, "index": 0, "image": 0, "prompt": meta["prompt"], "tag": meta["tag"],
+                "metadata": json.dumps(meta)}]
+    strict = {"strategy": "parm", "clarity_threshold": 0.5, "potential_threshold": 0.99}
+    loose = {"strategy": "parm", "clarity_threshold": 0.5, "potential_threshold": 0.5}
+    # N = 2: best-of-2 is right; the strict threshold is cheaper (20 tokens) but wrong, the loose one right (24)
+    out = calibrate_parm(records, 2, [strict, loose])
+    assert out["best_of_n"]["overall"] == 1.0 and out["chosen"] == loose and out["reaches_best_of_n"]
+    assert [r["image_tokens_per_image"] for r in out["rows"]] == [20.0, 24.0]
+    # N = 3: best-of-3 picks a wrong path, so every setting reaches it and the cheapest wins
+    assert calibrate_parm(records, 3, [loose, strict])["chosen"] == strict
+    # nothing reaches best-of-2: the highest score is taken, and the result says so
+    fallback = calibrate_parm(records, 2, [strict])
+    assert fallback["chosen"] == strict and not fallback["reaches_best_of_n"]
+    with pytest.raises(ValueError, match="parm / parm_top_k"):
+        calibrate_parm(records, 2, [{"strategy": "best_of_n"}])
+    with pytest.raises(ValueError, match="no PARM settings"):
+        calibrate_parm(records, 2, [])
+    with pytest.raises(ValueError, match="no records"):
+        calibrate_parm([], 2, [loose])
 
 
 def test_replay_matches_the_real_search(tiny_run, tmp_path):
@@ -112,3 +135,21 @@ def test_replay_matches_the_real_search(tiny_run, tmp_path):
         assert (per["n"], per["overall"], per["image_tokens_per_image"]) == (
             n_expected, row["overall"], row["image_tokens_per_image"])
         assert per["images_per_prompt"] == metrics["images_per_prompt"] == params["replay"]["images_per_prompt"]
+
+    # PARM's knobs chosen on the judge's held-out training prompts, then applied to the evaluation recording
+    held = run_stage("record_paths_heldout", params, root)
+    from cotgen.pipeline.stages import heldout_prompt_lines, parm_settings
+
+    eval_prompts = {m["prompt"] for m in load_metadata(root / PATHS["eval_prompts"])}
+    held_prompts = {m["prompt"] for m in heldout_prompt_lines(root)}
+    assert held["prompts"] == len(held_prompts) > 0 and not held_prompts & eval_prompts
+    assert held["records"] == held["prompts"] * params["replay"]["heldout_images_per_prompt"]
+    assert {r["prompt"] for r in read_records(root / PATHS["replay_heldout"])} == held_prompts
+    cal = run_stage("calibrate", params, root)
+    assert cal["chosen"] in parm_settings(params)
+    calibration = json.loads((root / "metrics/search_calibration.json").read_text())
+    chosen = next(s for s in calibration["settings"] if {k: s.get(k) for k in cal["chosen"]} == cal["chosen"])
+    per = json.loads((root / "metrics/geneval_parm_calibrated_replay.json").read_text())
+    assert (per["overall"], per["image_tokens_per_image"]) == (chosen["eval_overall"], chosen["eval_tokens"])
+    if calibration["reaches_best_of_n_on_heldout"]:
+        assert chosen["heldout_overall"] >= calibration["heldout"]["best_of_n"]["overall"]

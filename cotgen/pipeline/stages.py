@@ -26,6 +26,7 @@ from cotgen.geneval.scoring import score_folder, write_results
 PATHS = {
     "eval_prompts": "data/prompts/eval.jsonl",
     "replay_paths": "data/replay/paths.jsonl",
+    "replay_heldout": "data/replay/heldout.jsonl",
     "train_prompts": "data/prompts/train.jsonl",
     "detector": "data/detector",
     "gt_renders": "data/renders/ground_truth",
@@ -515,13 +516,21 @@ def _replay_names(variant: str | None) -> tuple[str, str, str]:
     return f"{variant}_generator", f"data/replay/{variant}.jsonl", f"search_replay_{variant}"
 
 
-def stage_record_paths(params: dict, root: Path = Path("."), variant: str | None = None) -> dict:
+def stage_record_paths(params: dict, root: Path = Path("."), variant: str | None = None,
+                       prompt_set: str = "eval") -> dict:
     """All ``replay.n`` paths of every evaluation prompt to the end, with the
     judge's clarity / potential / step scores after every step, the outcome score and
     GenEval's verdict per final image (:func:`cotgen.search.replay.record_paths`); writes
     ``data/replay/paths.jsonl`` (one JSON line per prompt and final image), or
     ``data/replay/<variant>.jsonl`` for an aligned generator (``variant`` of
-    :data:`ALIGN_VARIANTS`)."""
+    :data:`ALIGN_VARIANTS`). ``prompt_set="heldout"``: the judge's held-out training
+    prompts instead (:func:`heldout_prompt_lines`), ``replay.heldout_images_per_prompt``
+    final images each, into ``data/replay/heldout.jsonl``: the set on which
+    :func:`stage_calibrate` chooses PARM's knobs.
+
+    Raises:
+        ValueError: unknown ``prompt_set``, or ``heldout`` with a ``variant``.
+    """
     import json
 
     from cotgen.generator.model import ShapesGenerator
@@ -529,23 +538,119 @@ def stage_record_paths(params: dict, root: Path = Path("."), variant: str | None
     from cotgen.search.replay import record_paths
     from cotgen.world.detector import ShapesDetector
 
+    if prompt_set not in ("eval", "heldout"):
+        raise ValueError(f"prompt_set must be 'eval' or 'heldout', got {prompt_set!r}")
+    if prompt_set == "heldout" and variant is not None:
+        raise ValueError("held-out recordings are made with the main generator only")
     rp = params["replay"]
-    _validate("prompts", root / PATHS["eval_prompts"], root)
     key, records_file, _ = _replay_names(variant)
+    if prompt_set == "eval":
+        _validate("prompts", root / PATHS["eval_prompts"], root)
+        prompt_lines, images = load_metadata(root / PATHS["eval_prompts"]), rp["images_per_prompt"]
+    else:
+        prompt_lines, images = heldout_prompt_lines(root), rp["heldout_images_per_prompt"]
+        records_file = PATHS["replay_heldout"]
     generator = ShapesGenerator.from_pretrained(root / PATHS[key])
     judge = ObjectJudge.from_pretrained(root / PATHS["judge"])
     detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
-    eval_set = load_metadata(root / PATHS["eval_prompts"])
     out = _mkparent(root / records_file)
     tmp = out.with_suffix(".tmp")
     n = 0
     with tmp.open("w") as fh:
-        for record in record_paths(generator, judge, detector, eval_set, sampling_config(params, rp["n"]),
-                                   params["search"]["batch_prompts"], rp["images_per_prompt"]):
+        for record in record_paths(generator, judge, detector, prompt_lines, sampling_config(params, rp["n"]),
+                                   params["search"]["batch_prompts"], images):
             fh.write(json.dumps(record) + "\n")
             n += 1
     tmp.replace(out)
-    return {"records": n, "n": rp["n"], "images_per_prompt": rp["images_per_prompt"]}
+    return {"records": n, "n": rp["n"], "images_per_prompt": images, "prompts": len(prompt_lines),
+            "prompt_set": prompt_set}
+
+
+def heldout_prompt_lines(root: Path = Path(".")) -> list[dict]:
+    """The GenEval metadata lines of the judge's held-out training prompts (split
+    "heldout" of ``data/reward/trajectories``), in their order there: prompts no judge
+    trains on and the evaluation set does not contain.
+
+    Raises:
+        FileNotFoundError: no trajectories (run the ``trajectories`` stage).
+        ValueError: the trajectories hold no held-out prompt.
+    """
+    from cotgen.reward.data import Trajectories
+
+    traj = Trajectories.load(root / PATHS["trajectories"])
+    lines: dict[str, dict] = {}
+    for p in traj.paths:
+        if p["split"] == "heldout":
+            lines.setdefault(p["prompt"], p["metadata"])
+    if not lines:
+        raise ValueError(f"{root / PATHS['trajectories']} holds no held-out prompt")
+    return list(lines.values())
+
+
+def parm_settings(params: dict) -> list[dict]:
+    """Every PARM setting the replay sweeps at N = ``replay.n``: ``parm`` for each
+    potential threshold of ``replay.potential_thresholds`` at the search's clarity
+    threshold and at each of ``replay.clarity_thresholds``, and ``parm_top_k`` for each
+    k of ``replay.top_k`` (at the search's clarity threshold)."""
+    se, rp = params["search"], params["replay"]
+    clarities = [se["clarity_threshold"], *[c for c in rp.get("clarity_thresholds", []) if c != se["clarity_threshold"]]]
+    out = [{"strategy": "parm", "clarity_threshold": c, "potential_threshold": t}
+           for c in clarities for t in rp["potential_thresholds"]]
+    out += [{"strategy": "parm_top_k", "clarity_threshold": se["clarity_threshold"], "k": k} for k in rp["top_k"]]
+    return out
+
+
+def stage_calibrate(params: dict, root: Path = Path(".")) -> dict:
+    """PARM's knobs chosen on the held-out training prompts' recording
+    (``data/replay/heldout.jsonl``, :func:`cotgen.search.replay.calibrate_parm` over
+    :func:`parm_settings`), then applied, unchanged, to the evaluation recording
+    (``data/replay/paths.jsonl``). Writes ``metrics/search_calibration.json`` (both sets'
+    rows per setting, the choice among all settings and among the paper's threshold rule
+    alone (``paper_rule``), and the Spearman rank correlation between the two sets'
+    overall scores across settings: does held-out predict the evaluation set?) and
+    ``metrics/geneval_parm_calibrated_replay.json`` (the chosen setting on the evaluation
+    set, with best-of-N's score and tokens there for comparison)."""
+    from scipy.stats import spearmanr
+
+    from cotgen.search.replay import calibrate_parm, read_records, replay_summary
+
+    N = params["replay"]["n"]
+    heldout = read_records(root / PATHS["replay_heldout"])
+    evaluation = read_records(root / PATHS["replay_paths"])
+    settings = parm_settings(params)
+    cal = calibrate_parm(heldout, N, settings)
+    eval_rows = [replay_summary(evaluation, s["strategy"], N, **{k: v for k, v in s.items() if k != "strategy"})
+                 for s in settings]
+    eval_bon = replay_summary(evaluation, "best_of_n", N)
+    chosen = eval_rows[settings.index(cal["chosen"])]
+    keep = ("overall", "tags", "image_tokens_per_image")
+    paper = calibrate_parm(heldout, N, [s for s in settings if s["strategy"] == "parm"])  # thresholds only
+    paper_eval = eval_rows[settings.index(paper["chosen"])]
+    held_scores, eval_scores = [r["overall"] for r in cal["rows"]], [r["overall"] for r in eval_rows]
+    constant = len(set(held_scores)) < 2 or len(set(eval_scores)) < 2  # no ranking to correlate
+    rho = float("nan") if constant else spearmanr(held_scores, eval_scores).statistic
+    summary = {
+        "n": N, "rule": "fewest image tokens with held-out overall >= held-out best-of-N; else the highest overall",
+        "chosen": cal["chosen"], "reaches_best_of_n_on_heldout": cal["reaches_best_of_n"],
+        "heldout": {"records": len(heldout), "prompts": len({r["prompt"] for r in heldout}),
+                    "best_of_n": {k: cal["best_of_n"][k] for k in keep}},
+        "eval": {"records": len(evaluation), "best_of_n": {k: eval_bon[k] for k in keep},
+                 "chosen": {k: chosen[k] for k in keep},
+                 "tokens_vs_best_of_n": chosen["image_tokens_per_image"] / eval_bon["image_tokens_per_image"]},
+        "paper_rule": {"chosen": paper["chosen"], "reaches_best_of_n_on_heldout": paper["reaches_best_of_n"],
+                       "eval": {k: paper_eval[k] for k in keep},
+                       "tokens_vs_best_of_n": paper_eval["image_tokens_per_image"] / eval_bon["image_tokens_per_image"]},
+        "spearman_heldout_vs_eval": None if np.isnan(rho) else float(rho),
+        "settings": [{**s, "heldout_overall": h["overall"], "heldout_tokens": h["image_tokens_per_image"],
+                      "eval_overall": e["overall"], "eval_tokens": e["image_tokens_per_image"]}
+                     for s, h, e in zip(settings, cal["rows"], eval_rows)],
+    }
+    write_summary(root / "metrics/search_calibration.json", summary)
+    row = {**chosen, "images_per_prompt": 1 + max(r["image"] for r in evaluation), "calibrated_on": "heldout",
+           "best_of_n_overall": eval_bon["overall"], "best_of_n_image_tokens_per_image": eval_bon["image_tokens_per_image"]}
+    write_summary(root / "metrics/geneval_parm_calibrated_replay.json", row)
+    return {k: summary[k] for k in ("chosen", "reaches_best_of_n_on_heldout", "heldout", "eval", "paper_rule",
+                                    "spearman_heldout_vs_eval")}
 
 
 #: strategies whose replay at N = ``replay.n`` gets its own ``metrics/geneval_<strategy>_replay.json``
@@ -838,6 +943,8 @@ STAGES = {
     "search_parm": stage_search_parm,
     "record_paths": stage_record_paths,
     "replay": stage_replay,
+    "record_paths_heldout": partial(stage_record_paths, prompt_set="heldout"),
+    "calibrate": stage_calibrate,
     "gate": stage_gate,
     "package": stage_package,
 }

@@ -118,6 +118,14 @@ class SelfCorrector:
         blank = self.blank_tokens(n)
         return self.condition([""] * n, blank), self.null_condition(blank)
 
+    def first_round_search_kwargs(self, n: int) -> dict:
+        """The extra keyword arguments of :func:`cotgen.search.search` for ``n`` prompts
+        searched with this corrector from a blank first round (``corrector``,
+        ``condition``, ``null_condition``): what the Table-5 rows and the service's
+        ``parm_pp`` pass, so both run the same configuration."""
+        cond, null = self.first_round(n)
+        return {"corrector": self, "condition": cond, "null_condition": null}
+
     def sequences(self, prompts: Sequence[str], reflections: Sequence[str], previous, new) -> torch.Tensor:
         """Training sequences: ``[prompt][condition][<boi>][new image]``."""
         g = self.generator

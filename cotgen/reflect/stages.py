@@ -168,14 +168,10 @@ def run_table5_row(params: dict, root: Path, name: str) -> dict:
     config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"], max_rounds=e["max_rounds"],
                           accept_threshold=e["accept_threshold"], reflection=reflection)
 
-    def first_round(k: int) -> dict:
-        cond, null = corrector.first_round(k)
-        return {"corrector": corrector, "condition": cond, "null_condition": null}
-
     final = root / "data/samples" / name
     traces = search_eval_set(corrector.generator, judge, eval_set, sampling_config(params, n), config,
                              e["images_per_prompt"], se["batch_prompts"], final, root / "data/traces" / f"{name}.jsonl",
-                             desc=name, search_kwargs=first_round)
+                             desc=name, search_kwargs=corrector.first_round_search_kwargs)
     subset = _mkparent(root / "data/reflect" / f"eval_{name}.jsonl")
     write_metadata(subset, eval_set)
     detector = ShapesDetector.from_pretrained(root / MAIN["detector"])

@@ -186,6 +186,47 @@ def replay_summary(records: Sequence[dict], strategy: str, n: int, **knobs) -> d
     return summary
 
 
+def calibrate_parm(records: Sequence[dict], n: int, settings: Sequence[dict]) -> dict:
+    """Choose PARM's knobs on recordings of prompts that neither the judge's training nor
+    the evaluation uses (the judge's held-out training prompts), so that no threshold is
+    picked on the evaluation set.
+
+    The rule, from issue 4's bar (PARM at least as good as best-of-N with fewer image
+    tokens): among ``settings``, the one with the fewest image tokens per image whose
+    GenEval-Shapes overall on ``records`` is at least best-of-``n``'s on the same records;
+    if none reaches it, the highest overall (fewest tokens among ties).
+
+    Args:
+        records: :func:`record_paths` records with at least ``n`` paths each.
+        n: N, candidate paths per final image.
+        settings: knobs of :func:`replay`, each with ``strategy`` (``parm`` or
+            ``parm_top_k``), e.g. ``{"strategy": "parm", "clarity_threshold": 0.5,
+            "potential_threshold": 0.2}``.
+    Returns:
+        ``best_of_n`` (its replay summary on ``records``), ``rows`` (one replay summary
+        per setting, in order), ``chosen`` (the chosen setting, a copy) and
+        ``reaches_best_of_n`` (bool).
+    Raises:
+        ValueError: no records, no settings, a setting that is not PARM's.
+    """
+    if not records:
+        raise ValueError("no records to calibrate on")
+    if not settings:
+        raise ValueError("no PARM settings to choose from")
+    bad = [s for s in settings if s.get("strategy") not in ("parm", "parm_top_k")]
+    if bad:
+        raise ValueError(f"calibrate_parm chooses among parm / parm_top_k settings, got {bad[0]}")
+    reference = replay_summary(records, "best_of_n", n)
+    rows = [replay_summary(records, s["strategy"], n, **{k: v for k, v in s.items() if k != "strategy"})
+            for s in settings]
+    reaching = [i for i, r in enumerate(rows) if r["overall"] >= reference["overall"] - 1e-12]
+    if reaching:
+        best = min(reaching, key=lambda i: (rows[i]["image_tokens_per_image"], i))
+    else:
+        best = min(range(len(rows)), key=lambda i: (-rows[i]["overall"], rows[i]["image_tokens_per_image"], i))
+    return {"best_of_n": reference, "rows": rows, "chosen": dict(settings[best]), "reaches_best_of_n": bool(reaching)}
+
+
 def judge_on_records(records: Sequence[dict], ci: bool = True) -> dict:
     """How well the recorded judge scores separate GenEval's verdicts on the recorded
     (evaluation-set) paths, which no judge is trained on: ``outcome`` (P(yes) of every

@@ -174,8 +174,7 @@ class VerifiedService:
         the others the promoted generator."""
         if strategy != "parm_pp":
             return self.generator, {}
-        cond, null = self.corrector.first_round(1)
-        return self.corrector.generator, {"corrector": self.corrector, "condition": cond, "null_condition": null}
+        return self.corrector.generator, self.corrector.first_round_search_kwargs(1)
 
     def generate_json(self, return_steps: bool = False, **request) -> dict:
         """:meth:`generate` as the JSON answer (see :mod:`cotgen.serve.service`)."""
