@@ -138,11 +138,11 @@ def evaluate_judge(judge: ObjectJudge, examples, bank: FeatureBank, words, num_s
     for q, ex in sorted(by_q.items()):
         scores = score_examples(judge, q, ex, bank, words, num_steps, batch_size)
         labels = np.array([e["label"] for e in ex], dtype=int)
-        out[q] = _binary_metrics(labels, scores, ci=True)
+        out[q] = binary_metrics(labels, scores, ci=True)
         if q == "potential":
             steps = sorted({e["step"] for e in ex})
             out["potential_auroc_by_step"] = {
-                str(s): _binary_metrics(labels[m], scores[m])["auroc"]
+                str(s): binary_metrics(labels[m], scores[m])["auroc"]
                 for s in steps
                 for m in [np.array([e["step"] == s for e in ex])]
             }
@@ -159,7 +159,15 @@ def score_examples(judge, question, examples, bank, words, num_steps, batch_size
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
-def _binary_metrics(labels: np.ndarray, scores: np.ndarray, ci: bool = False) -> dict:
+def binary_metrics(labels: np.ndarray, scores: np.ndarray, ci: bool = False) -> dict:
+    """How well scores separate binary labels: ``n``, ``yes_rate`` (share of label 1),
+    ``auroc`` (None unless both labels occur), ``accuracy`` (score >= 0.5 read as yes) and,
+    with ``ci``, ``auroc_ci95`` (:func:`auroc_ci95`).
+
+    Args:
+        labels: ``(M,)`` int, 1 = yes (the evaluator's verdict).
+        scores: ``(M,)`` float, P(yes) in [0, 1].
+    """
     both = len(set(labels.tolist())) == 2
     out = {
         "n": int(len(labels)),

@@ -289,7 +289,7 @@ def train_vlm_judge(
         ``parameters``, ``train_examples`` and ``outcome`` (held-out ``n``, ``yes_rate``,
         ``auroc``, ``accuracy`` at 0.5). The judge is saved under ``out_dir/judge``.
     """
-    from cotgen.reward.train import _binary_metrics
+    from cotgen.reward.train import binary_metrics
 
     judge = tiny_llava_judge(seed=seed, patch_size=patch_size, hidden_size=hidden_size, vision_layers=vision_layers,
                              text_layers=text_layers, num_heads=num_heads)
@@ -302,6 +302,6 @@ def train_vlm_judge(
                                          [im for _, _, im, _ in held[i : i + 64]]) for i in range(0, len(held), 64)])
     labels = np.array([lab for *_, lab in held], dtype=int)
     metrics.update(parameters=sum(p.numel() for p in judge.model.parameters()), train_examples=len(train),
-                   outcome=_binary_metrics(labels, scores))
+                   outcome=binary_metrics(labels, scores))
     judge.save_pretrained(Path(out_dir) / "judge")
     return judge, metrics

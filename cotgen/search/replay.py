@@ -238,20 +238,20 @@ def judge_on_records(records: Sequence[dict], ci: bool = True) -> dict:
     Raises:
         ValueError: no records.
     """
-    from cotgen.reward.train import _binary_metrics
+    from cotgen.reward.train import binary_metrics
 
     if not records:
         raise ValueError("no records to measure the judge on")
     paths = [(r["tag"], p) for r in records for p in r["paths"]]
     labels = np.array([p["correct"] for _, p in paths], dtype=int)
-    out = {"outcome": _binary_metrics(labels, np.array([p["outcome"] for _, p in paths]), ci=ci)}
+    out = {"outcome": binary_metrics(labels, np.array([p["outcome"] for _, p in paths]), ci=ci)}
     out["outcome_by_tag"] = {}
     for tag in sorted({t for t, _ in paths}):
         m = np.array([t == tag for t, _ in paths])
-        out["outcome_by_tag"][tag] = _binary_metrics(labels[m], np.array([p["outcome"] for t, p in paths if t == tag]))
+        out["outcome_by_tag"][tag] = binary_metrics(labels[m], np.array([p["outcome"] for t, p in paths if t == tag]))
     steps = len(paths[0][1]["potential"])
     out["potential_by_step"] = {
-        str(s + 1): _binary_metrics(labels, np.array([p["potential"][s] for _, p in paths]))["auroc"] for s in range(steps)
+        str(s + 1): binary_metrics(labels, np.array([p["potential"][s] for _, p in paths]))["auroc"] for s in range(steps)
     }
     return out
 
