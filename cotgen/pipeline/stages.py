@@ -600,6 +600,13 @@ def parm_settings(params: dict) -> list[dict]:
     return out
 
 
+def _replay_setting(records: Sequence[dict], setting: dict, n: int) -> dict:
+    """:func:`cotgen.search.replay.replay_summary` of one :func:`parm_settings` entry."""
+    from cotgen.search.replay import replay_summary
+
+    return replay_summary(records, setting["strategy"], n, **{k: v for k, v in setting.items() if k != "strategy"})
+
+
 def stage_calibrate(params: dict, root: Path = Path(".")) -> dict:
     """PARM's knobs chosen on the held-out training prompts' recording
     (``data/replay/heldout.jsonl``, :func:`cotgen.search.replay.calibrate_parm` over
@@ -619,8 +626,7 @@ def stage_calibrate(params: dict, root: Path = Path(".")) -> dict:
     evaluation = read_records(root / PATHS["replay_paths"])
     settings = parm_settings(params)
     cal = calibrate_parm(heldout, N, settings)
-    eval_rows = [replay_summary(evaluation, s["strategy"], N, **{k: v for k, v in s.items() if k != "strategy"})
-                 for s in settings]
+    eval_rows = [_replay_setting(evaluation, setting, N) for setting in settings]
     eval_bon = replay_summary(evaluation, "best_of_n", N)
     chosen = eval_rows[settings.index(cal["chosen"])]
     keep = ("overall", "tags", "image_tokens_per_image")
@@ -682,13 +688,7 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
         rows.append(replay_summary(records, "prm", n))
         rows.append(replay_summary(records, "parm", n, potential_threshold=se["potential_threshold"], **thr))
         rows.append(replay_summary(records, "oracle", n))
-    for t in rp["potential_thresholds"]:
-        rows.append(replay_summary(records, "parm", N, potential_threshold=t, **thr))
-    for c in rp.get("clarity_thresholds", []):  # a later clear step: potential judged on more of the image
-        for t in rp["potential_thresholds"]:
-            rows.append(replay_summary(records, "parm", N, potential_threshold=t, clarity_threshold=c))
-    for k in rp["top_k"]:
-        rows.append(replay_summary(records, "parm_top_k", N, k=k, **thr))
+    rows += [_replay_setting(records, setting, N) for setting in parm_settings(params)]  # the sweeps at N
     keep = ("strategy", "n", "clarity_threshold", "potential_threshold", "k", "overall", "tags", "image_tokens_per_image")
     summary = {"records": len(records), "n": N, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
     traces = root / "data/traces/parm.jsonl"
