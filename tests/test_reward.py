@@ -88,6 +88,30 @@ def test_more_heldout_paths_leave_the_training_data_alone(traj):
                             heldout_paths_per_prompt=2, progress=False)
 
 
+def test_tag_paths_per_prompt_adds_paths_to_one_tag(traj):
+    gen, t = traj
+    cfg = SamplingConfig(n=1, cfg_scale=1.0, tokens_per_step=16)
+    two = [{"tag": "two_object", "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1}],
+            "prompt": "a photo of a circle and a square"}]
+    more = sample_trajectories(gen, HashDetector(), PROMPTS + two, paths_per_prompt=4, sampling=cfg,
+                               heldout_fraction=0.34, progress=False, tag_paths_per_prompt={"two_object": 6},
+                               heldout_paths_per_prompt=5)
+    counts = {}
+    for p in more.paths:
+        counts[p["prompt"]] = counts.get(p["prompt"], 0) + 1
+    split = {p["prompt"]: p["split"] for p in more.paths}
+    assert counts[two[0]["prompt"]] == 6  # its own count, above the held-out top-up (5)
+    assert all(counts[m["prompt"]] == (5 if split[m["prompt"]] == "heldout" else 4) for m in PROMPTS)
+    # candidate j of a prompt is the same path whatever the number of paths
+    row = {(p["prompt"], p["candidate"]): i for i, p in enumerate(t.paths)}
+    for i, p in enumerate(more.paths):
+        if (p["prompt"], p["candidate"]) in row:
+            assert torch.equal(more.tokens[i], t.tokens[row[(p["prompt"], p["candidate"])]])
+    with pytest.raises(ValueError, match="tag_paths_per_prompt"):
+        sample_trajectories(gen, HashDetector(), PROMPTS, paths_per_prompt=4, sampling=cfg, progress=False,
+                            tag_paths_per_prompt={"colors": 0})
+
+
 def test_judge_examples_follow_the_rules(traj):
     _, t = traj
     ex = judge_examples(t, clarity_boundary=2)

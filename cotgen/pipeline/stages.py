@@ -304,6 +304,7 @@ def stage_trajectories(params: dict, root: Path = Path(".")) -> dict:
         generator, detector, prompts, t["paths_per_prompt"], cfg, heldout_fraction=t["heldout_fraction"],
         prm_steps=t["prm_steps"], prm_rollouts=t["prm_rollouts"], prm_paths_per_prompt=t["prm_paths_per_prompt"],
         batch_prompts=t["batch_prompts"], seed=t["seed"], heldout_paths_per_prompt=t.get("heldout_paths_per_prompt"),
+        tag_paths_per_prompt=t.get("tag_paths_per_prompt"),
     )
     if t.get("render_prompts", 0) > 0:  # renderer scenes and near misses of other training prompts
         from cotgen.reward.data import concat_trajectories, render_trajectories

@@ -19,7 +19,7 @@ Prompts are split into train / held-out (judges are measured on held-out prompts
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +118,7 @@ def sample_trajectories(
     seed: int = 0,
     progress: bool = True,
     heldout_paths_per_prompt: int | None = None,
+    tag_paths_per_prompt: Mapping[str, int] | None = None,
 ) -> Trajectories:
     """Sample and label trajectories of training prompts.
 
@@ -137,6 +138,12 @@ def sample_trajectories(
             path, no PRM labels) leave the training data exactly as without them. With
             8 paths the held-out outcome question had 18 positives of 232 images, and
             its AUROC's 95% interval was 0.2 wide.
+        tag_paths_per_prompt: tag -> paths of each prompt of that tag, instead of
+            ``paths_per_prompt`` (held-out prompts too; ``heldout_paths_per_prompt`` tops
+            them up only where it is larger). For tags whose training prompts are few: the
+            embedded world has 2 single_object, 8 two_object and 17 colors training prompts
+            (the rest of those tags' prompts are evaluation prompts), so 8 paths each gave
+            the judge about 65 correct generated images in all to learn from.
     Returns:
         :class:`Trajectories`.
     Raises:
@@ -147,19 +154,30 @@ def sample_trajectories(
     if heldout_paths_per_prompt is not None and heldout_paths_per_prompt < paths_per_prompt:
         raise ValueError(f"heldout_paths_per_prompt ({heldout_paths_per_prompt}) must be >= paths_per_prompt "
                          f"({paths_per_prompt})")
+    bad = {t: n for t, n in (tag_paths_per_prompt or {}).items() if int(n) < 1}
+    if bad:
+        raise ValueError(f"tag_paths_per_prompt must be >= 1 per tag, got {bad}")
     cfg = SamplingConfig(**{**sampling.__dict__, "n": paths_per_prompt})
-    split = split_prompts([m["prompt"] for m in prompts], heldout_fraction, seed)
-    tokens, paths = _sample_labelled(generator, detector, prompts, cfg, batch_prompts, split, 0, progress)
-    tokens_t = torch.tensor(tokens, dtype=torch.long)
     tps = cfg.check(generator.num_image_tokens, generator.grid_size)
+    split = split_prompts([m["prompt"] for m in prompts], heldout_fraction, seed)
+    n_paths = {m["prompt"]: int((tag_paths_per_prompt or {}).get(m["tag"], paths_per_prompt)) for m in prompts}
+
+    def sample(group: list[dict], n: int, first: int) -> tuple[list, list]:
+        size = max(1, batch_prompts * paths_per_prompt // n)  # about the same rows per batch
+        return _sample_labelled(generator, detector, group, SamplingConfig(**{**sampling.__dict__, "n": n}), size,
+                                split, first, progress)
+
+    tokens, paths = [], []
+    for n in sorted(set(n_paths.values()), key=lambda n: (n != paths_per_prompt, n)):
+        more_tokens, more_paths = sample([m for m in prompts if n_paths[m["prompt"]] == n], n, 0)
+        tokens, paths = tokens + more_tokens, paths + more_paths
+    tokens_t = torch.tensor(tokens, dtype=torch.long)
     prm = prm_labels(generator, detector, tokens_t, paths, prm_steps, prm_rollouts, prm_paths_per_prompt, cfg, tps,
                      batch_prompts, progress)
-    if heldout_paths_per_prompt and heldout_paths_per_prompt > paths_per_prompt:
-        held = [m for m in prompts if split[m["prompt"]] == "heldout"]
-        more = SamplingConfig(**{**sampling.__dict__, "n": heldout_paths_per_prompt})
-        size = max(1, batch_prompts * paths_per_prompt // heldout_paths_per_prompt)  # about the same rows per batch
-        extra_tokens, extra_paths = _sample_labelled(generator, detector, held, more, size, split, paths_per_prompt,
-                                                     progress)
+    top_up = heldout_paths_per_prompt or 0
+    held = [m for m in prompts if split[m["prompt"]] == "heldout" and n_paths[m["prompt"]] < top_up]
+    for first in sorted({n_paths[m["prompt"]] for m in held}):
+        extra_tokens, extra_paths = sample([m for m in held if n_paths[m["prompt"]] == first], top_up, first)
         if extra_tokens:
             tokens_t = torch.cat([tokens_t, torch.tensor(extra_tokens, dtype=torch.long)])
             paths += extra_paths
