@@ -601,13 +601,6 @@ def parm_settings(params: dict) -> list[dict]:
     return out
 
 
-def _replay_setting(records: Sequence[dict], setting: dict, n: int) -> dict:
-    """:func:`cotgen.search.replay.replay_summary` of one :func:`parm_settings` entry."""
-    from cotgen.search.replay import replay_summary
-
-    return replay_summary(records, setting["strategy"], n, **{k: v for k, v in setting.items() if k != "strategy"})
-
-
 def stage_calibrate(params: dict, root: Path = Path(".")) -> dict:
     """PARM's knobs chosen on the held-out training prompts' recording
     (``data/replay/heldout.jsonl``, :func:`cotgen.search.replay.calibrate_parm` over
@@ -620,14 +613,14 @@ def stage_calibrate(params: dict, root: Path = Path(".")) -> dict:
     set, with best-of-N's score and tokens there for comparison)."""
     from scipy.stats import spearmanr
 
-    from cotgen.search.replay import calibrate_parm, read_records, replay_summary
+    from cotgen.search.replay import calibrate_parm, read_records, replay_setting, replay_summary
 
     N = params["replay"]["n"]
     heldout = read_records(root / PATHS["replay_heldout"])
     evaluation = read_records(root / PATHS["replay_paths"])
     settings = parm_settings(params)
     cal = calibrate_parm(heldout, N, settings)
-    eval_rows = [_replay_setting(evaluation, setting, N) for setting in settings]
+    eval_rows = [replay_setting(evaluation, setting, N) for setting in settings]
     eval_bon = replay_summary(evaluation, "best_of_n", N)
     chosen = eval_rows[settings.index(cal["chosen"])]
     keep = ("overall", "tags", "image_tokens_per_image")
@@ -676,7 +669,7 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
     of :data:`REPLAY_STRATEGIES` at N = ``replay.n`` (``sample``: one path) with the
     recording's images per prompt in ``metrics/geneval_<strategy>_replay.json`` (issue 4's
     per-strategy files)."""
-    from cotgen.search.replay import check_against_traces, judge_on_records, read_records, replay_summary
+    from cotgen.search.replay import check_against_traces, judge_on_records, read_records, replay_setting, replay_summary
 
     se, rp = params["search"], params["replay"]
     _, records_file, name = _replay_names(variant)
@@ -689,7 +682,7 @@ def stage_replay(params: dict, root: Path = Path("."), variant: str | None = Non
         rows.append(replay_summary(records, "prm", n))
         rows.append(replay_summary(records, "parm", n, potential_threshold=se["potential_threshold"], **thr))
         rows.append(replay_summary(records, "oracle", n))
-    rows += [_replay_setting(records, setting, N) for setting in parm_settings(params)]  # the sweeps at N
+    rows += [replay_setting(records, setting, N) for setting in parm_settings(params)]  # the sweeps at N
     keep = ("strategy", "n", "clarity_threshold", "potential_threshold", "k", "overall", "tags", "image_tokens_per_image")
     summary = {"records": len(records), "n": N, "rows": [{k: r[k] for k in keep if k in r} for r in rows]}
     traces = root / "data/traces/parm.jsonl"

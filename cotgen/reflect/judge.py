@@ -72,20 +72,10 @@ class ObjectReflectorModel(ObjectJudgeModel):
         self.post_init()
 
     def _encode(self, crops, geometry, object_mask, words):
-        """Encoder states of [reflection query][objects][words] and the perception logits."""
-        B, O = object_mask.shape
-        crop = self.crop_encoder(crops.float().flatten(0, 1)).view(B, O, -1)
-        shape_logits, color_logits = self.shape_head(crop), self.color_head(crop)
-        percept = torch.cat([shape_logits.softmax(-1), color_logits.softmax(-1)], -1)
-        obj = crop + self.geometry(geometry.float()) + self.perception(percept)
-        q = self.reflection_query + self.progress(torch.ones(B, 1, device=words.device))  # a final image
-        embeds = torch.cat([q[:, None], obj, self.words(words)], dim=1)
-        mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=words.device), object_mask.bool(),
-                          words != self.config.pad_token_id], 1)
-        types = torch.cat([torch.zeros(B, 1 + O, dtype=torch.long, device=words.device), torch.full_like(words, 2)], 1)
-        types[:, 1 : 1 + O] = 1
-        h = self.encoder(inputs_embeds=embeds, attention_mask=mask.long(), token_type_ids=types).last_hidden_state
-        return h[:, 0], shape_logits, color_logits
+        """Encoder state of the reflection query over [objects][words], and the perception logits."""
+        obj, shape_logits, color_logits = self.object_tokens(crops, geometry, object_mask)
+        q = self.reflection_query + self.progress(torch.ones(len(words), 1, device=words.device))  # a final image
+        return self.encode(q, obj, object_mask, words)[:, 0], shape_logits, color_logits
 
     def reflect_logits(self, crops, geometry, object_mask, words) -> dict[str, torch.Tensor]:
         """Logits of each reflection head: name -> ``(B, classes)``."""
@@ -103,10 +93,7 @@ class ObjectReflectorModel(ObjectJudgeModel):
             if (t != -100).any():
                 loss = loss + nn.functional.cross_entropy(head(h), t, ignore_index=-100)
         if shape_targets is not None and color_targets is not None:
-            valid = object_mask.bool()
-            if valid.any():
-                for tg, lg in ((shape_targets, shape_logits), (color_targets, color_logits)):
-                    loss = loss + self.config.perception_weight * -(tg.float()[valid] * lg[valid].log_softmax(-1)).sum(-1).mean()
+            loss = loss + self.perception_loss(object_mask, shape_logits, color_logits, shape_targets, color_targets)
         return loss
 
 

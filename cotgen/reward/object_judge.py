@@ -51,6 +51,10 @@ class ObjectJudgeConfig(PretrainedConfig):
             classes + junk; colours).
         perception_weight: weight of the perception loss (training only; see
             :class:`ObjectJudgeModel`).
+        mean_rgb: the colour head also sees the region's mask-weighted mean RGB, as
+            the detector's colour head does (:class:`cotgen.world.detector.ShapesNet`):
+            the crop encoder's GroupNorm removes most of a crop's absolute colour.
+            False (the default) keeps judges saved before this option loadable.
     """
 
     model_type = "cotgen-object-judge"
@@ -70,8 +74,10 @@ class ObjectJudgeConfig(PretrainedConfig):
         num_shapes: int = 9,
         num_colors: int = 10,
         perception_weight: float = 1.0,
+        mean_rgb: bool = False,
         **kwargs,
     ) -> None:
+        self.mean_rgb = mean_rgb
         self.num_shapes = num_shapes
         self.num_colors = num_colors
         self.perception_weight = perception_weight
@@ -123,7 +129,8 @@ class ObjectJudgeModel(PreTrainedModel):
         )
         self.geometry = nn.Sequential(nn.Linear(GEOMETRY, d), nn.GELU(), nn.Linear(d, d))
         self.shape_head = nn.Linear(d, config.num_shapes)
-        self.color_head = nn.Linear(d, config.num_colors)
+        self.color_head = (nn.Sequential(nn.Linear(d + 3, d), nn.GELU(), nn.Linear(d, config.num_colors))
+                           if config.mean_rgb else nn.Linear(d, config.num_colors))
         self.perception = nn.Linear(config.num_shapes + config.num_colors, d)
         self.words = nn.Embedding(config.text_vocab, d)
         self.questions = nn.Embedding(len(QUESTION_IDS), d)
@@ -156,16 +163,27 @@ class ObjectJudgeModel(PreTrainedModel):
             hf_init.ones_(module.weight)
             hf_init.zeros_(module.bias)
 
-    def forward(self, crops, geometry, object_mask, words, question, progress, labels=None, shape_targets=None,
-                color_targets=None) -> SequenceClassifierOutput:
+    def object_tokens(self, crops, geometry, object_mask):
+        """Object token embeddings float ``(B, O, hidden)`` and the perception logits
+        ``(B, O, num_shapes)``, ``(B, O, num_colors)`` of :meth:`forward`'s inputs."""
         B, O = object_mask.shape
-        crop = self.crop_encoder(crops.float().flatten(0, 1)).view(B, O, -1)
-        shape_logits, color_logits = self.shape_head(crop), self.color_head(crop)
+        flat = crops.float().flatten(0, 1)
+        crop = self.crop_encoder(flat)
+        color_in = crop
+        if self.config.mean_rgb:  # mask-weighted mean of the cut-out's RGB channels (crop_inputs' scaling)
+            m = flat[:, 3:4]
+            color_in = torch.cat([crop, (flat[:, :3] * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-3)], -1)
+        shape_logits = self.shape_head(crop).view(B, O, -1)
+        color_logits = self.color_head(color_in).view(B, O, -1)
         percept = torch.cat([shape_logits.softmax(-1), color_logits.softmax(-1)], -1)
-        obj = crop + self.geometry(geometry.float()) + self.perception(percept)
-        q = self.questions(question) + self.progress(progress.float()[:, None])
-        w = self.words(words)
-        embeds = torch.cat([q[:, None], obj, w], dim=1)
+        obj = crop.view(B, O, -1) + self.geometry(geometry.float()) + self.perception(percept)
+        return obj, shape_logits, color_logits
+
+    def encode(self, first, obj, object_mask, words):
+        """Encoder states ``(B, 1 + O + prompt_len, hidden)`` of [first][objects][words]
+        (``first`` float ``(B, hidden)``: the question token, or another query)."""
+        B, O = object_mask.shape
+        embeds = torch.cat([first[:, None], obj, self.words(words)], dim=1)
         mask = torch.cat(
             [torch.ones(B, 1, dtype=torch.bool, device=words.device), object_mask.bool(), words != self.config.pad_token_id], 1
         )
@@ -173,15 +191,26 @@ class ObjectJudgeModel(PreTrainedModel):
             [torch.zeros(B, 1 + O, dtype=torch.long, device=words.device), torch.full_like(words, 2)], 1
         )
         types[:, 1 : 1 + O] = 1
-        h = self.encoder(inputs_embeds=embeds, attention_mask=mask.long(), token_type_ids=types).last_hidden_state
-        logits = self.head(h[:, 0])
+        return self.encoder(inputs_embeds=embeds, attention_mask=mask.long(), token_type_ids=types).last_hidden_state
+
+    def perception_loss(self, object_mask, shape_logits, color_logits, shape_targets, color_targets) -> torch.Tensor:
+        """``perception_weight`` x the soft cross-entropy of both perception heads over
+        the real objects (0 without any)."""
+        valid = object_mask.bool()
+        if not valid.any():
+            return shape_logits.new_zeros(())
+        soft_ce = [-(t.float()[valid] * lg[valid].log_softmax(-1)).sum(-1).mean()
+                   for t, lg in ((shape_targets, shape_logits), (color_targets, color_logits))]
+        return self.config.perception_weight * (soft_ce[0] + soft_ce[1])
+
+    def forward(self, crops, geometry, object_mask, words, question, progress, labels=None, shape_targets=None,
+                color_targets=None) -> SequenceClassifierOutput:
+        obj, shape_logits, color_logits = self.object_tokens(crops, geometry, object_mask)
+        q = self.questions(question) + self.progress(progress.float()[:, None])
+        logits = self.head(self.encode(q, obj, object_mask, words)[:, 0])
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         if loss is not None and shape_targets is not None and color_targets is not None:
-            valid = object_mask.bool()
-            if valid.any():
-                soft_ce = [-(t.float()[valid] * lg[valid].log_softmax(-1)).sum(-1).mean()
-                           for t, lg in ((shape_targets, shape_logits), (color_targets, color_logits))]
-                loss = loss + self.config.perception_weight * (soft_ce[0] + soft_ce[1])
+            loss = loss + self.perception_loss(object_mask, shape_logits, color_logits, shape_targets, color_targets)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 

@@ -115,7 +115,8 @@ def train_judge(
     judge = ObjectJudge(model, text_tokenizer)
     words = judge.encode_prompts([p["prompt"] for p in traj.paths])
     bank = FeatureBank(traj, image_tokenizer, train, config, progress, perception_labeller=perception_labeller)
-    held_bank = FeatureBank(traj, image_tokenizer, held, config, progress)
+    # held-out targets only measure the perception heads (metrics "perception"); scores never see them
+    held_bank = FeatureBank(traj, image_tokenizer, held, config, progress, perception_labeller=perception_labeller)
     args = training_arguments(out_dir, steps, batch_size, learning_rate, warmup_steps, 0.01, seed, progress)
     model.train()
     result = Trainer(model=model, args=args, train_dataset=ExampleDataset(train, bank, words, traj.num_steps)).train()
@@ -130,8 +131,13 @@ def train_judge(
 
 def evaluate_judge(judge: ObjectJudge, examples, bank: FeatureBank, words, num_steps: int, batch_size: int = 512) -> dict:
     """Held-out AUROC and accuracy (threshold 0.5) per question, plus potential AUROC
-    per step (the data behind the clarity boundary)."""
+    per step (the data behind the clarity boundary) and, when ``bank`` holds the
+    detector's perception targets, ``perception`` (:func:`perception_agreement` on the
+    final images)."""
     out: dict = {}
+    if "color_targets" in bank.features:
+        finals = sorted({bank.index[(e["path"], e["step"])] for e in examples if e["step"] == num_steps})
+        out["perception"] = perception_agreement(judge.model, bank.get(finals))
     by_q: dict[str, list[dict]] = {}
     for e in examples:
         by_q.setdefault(e["question"], []).append(e)
@@ -147,6 +153,27 @@ def evaluate_judge(judge: ObjectJudge, examples, bank: FeatureBank, words, num_s
                 for m in [np.array([e["step"] == s for e in ex])]
             }
     return out
+
+
+@torch.no_grad()
+def perception_agreement(model: ObjectJudgeModel, features: dict) -> dict:
+    """How often the judge's perception heads agree with the detector (arg-max of each
+    object's shape and colour distribution): ``objects`` (count), ``shape`` and
+    ``color`` (fractions in [0, 1]). ``features`` come from :func:`image_features` with
+    a ``perception_labeller``; a measurement only (the detector is the evaluator's).
+
+    Raises:
+        KeyError: features without the perception targets.
+    """
+    _, shape_logits, color_logits = model.object_tokens(features["crops"], features["geometry"], features["object_mask"])
+    valid = features["object_mask"].bool()
+    n = int(valid.sum())
+
+    def agree(logits, targets):
+        return float((logits.argmax(-1)[valid] == targets.argmax(-1)[valid]).float().mean()) if n else None
+
+    return {"objects": n, "shape": agree(shape_logits, features["shape_targets"]),
+            "color": agree(color_logits, features["color_targets"])}
 
 
 def score_examples(judge, question, examples, bank, words, num_steps, batch_size=512) -> np.ndarray:

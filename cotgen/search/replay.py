@@ -186,6 +186,17 @@ def replay_summary(records: Sequence[dict], strategy: str, n: int, **knobs) -> d
     return summary
 
 
+def replay_setting(records: Sequence[dict], setting: dict, n: int) -> dict:
+    """:func:`replay_summary` of one setting: the knobs of :func:`replay` plus its
+    ``strategy`` in one dict (e.g. ``{"strategy": "parm_top_k", "clarity_threshold":
+    0.5, "k": 4}``).
+
+    Raises:
+        KeyError: a setting without ``strategy``.
+    """
+    return replay_summary(records, setting["strategy"], n, **{k: v for k, v in setting.items() if k != "strategy"})
+
+
 def calibrate_parm(records: Sequence[dict], n: int, settings: Sequence[dict]) -> dict:
     """Choose PARM's knobs on recordings of prompts that neither the judge's training nor
     the evaluation uses (the judge's held-out training prompts), so that no threshold is
@@ -217,8 +228,7 @@ def calibrate_parm(records: Sequence[dict], n: int, settings: Sequence[dict]) ->
     if bad:
         raise ValueError(f"calibrate_parm chooses among parm / parm_top_k settings, got {bad[0]}")
     reference = replay_summary(records, "best_of_n", n)
-    rows = [replay_summary(records, s["strategy"], n, **{k: v for k, v in s.items() if k != "strategy"})
-            for s in settings]
+    rows = [replay_setting(records, s, n) for s in settings]
     reaching = [i for i, r in enumerate(rows) if r["overall"] >= reference["overall"] - 1e-12]
     if reaching:
         best = min(reaching, key=lambda i: (rows[i]["image_tokens_per_image"], i))
