@@ -233,7 +233,7 @@ def test_auroc_interval_brackets_the_estimate_and_narrows_with_data():
     assert auroc_ci95(np.array([1, 1, 0, 0, 0, 0, 0, 0]), rng.normal(size=8)) is None  # too few of a label
 
 
-def test_mean_rgb_reaches_the_colour_head_and_the_reflector():
+def test_perception_agreement_and_the_reflector_share_the_object_tokens():
     from cotgen.reflect.judge import reflector_from_judge
     from cotgen.reward.train import perception_agreement
     from cotgen.world.detector import ShapesDetector
@@ -243,25 +243,20 @@ def test_mean_rgb_reaches_the_colour_head_and_the_reflector():
         meta = {"tag": "colors", "include": [{"class": "star", "count": 1, "color": color}],
                 "prompt": f"a photo of a {color} star"}
         images.append(render_scene(meta, np.random.default_rng(0))[0])
-    logits = {}
-    for mean_rgb in (False, True):
-        config = ObjectJudgeConfig(text_vocab=44, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                                   mean_rgb=mean_rgb)
-        model = ObjectJudgeModel(config).eval()
-        f = image_features(images, config, ShapesDetector())
-        with torch.no_grad():
-            model.crop_encoder[-1].weight.zero_()  # the crop encoder now says nothing: colour only via mean RGB
-            model.crop_encoder[-1].bias.zero_()
-            _, shape_logits, color_logits = model.object_tokens(f["crops"], f["geometry"], f["object_mask"])
-        logits[mean_rgb] = color_logits[:, 0]
-        assert torch.equal(shape_logits[0, 0], shape_logits[1, 0])
-        # agreement with the detector: 1.0 against the model's own arg-max, counted over real objects only
-        own = {**f, "shape_targets": torch.nn.functional.one_hot(shape_logits.argmax(-1), 9).float(),
-               "color_targets": torch.nn.functional.one_hot(color_logits.argmax(-1), 10).float()}
-        assert perception_agreement(model, own) == {"objects": 2, "shape": 1.0, "color": 1.0}
-        reflector = reflector_from_judge(ObjectJudge(model, None))
-        assert reflector.config.mean_rgb is mean_rgb
-        with torch.no_grad():
-            assert torch.equal(reflector.object_tokens(f["crops"], f["geometry"], f["object_mask"])[2], color_logits)
-    assert torch.equal(logits[False][0], logits[False][1])  # blind to colour without mean RGB
-    assert not torch.allclose(logits[True][0], logits[True][1])  # a red and a blue star differ with it
+    config = ObjectJudgeConfig(text_vocab=44, hidden_size=16, num_attention_heads=2, intermediate_size=32)
+    model = ObjectJudgeModel(config).eval()
+    f = image_features(images, config, ShapesDetector())
+    with torch.no_grad():
+        obj, shape_logits, color_logits = model.object_tokens(f["crops"], f["geometry"], f["object_mask"])
+    assert obj.shape == (2, 8, 16) and shape_logits.shape == (2, 8, 9) and color_logits.shape == (2, 8, 10)
+    # agreement with the detector: 1.0 against the model's own arg-max, counted over real objects only
+    own = {**f, "shape_targets": torch.nn.functional.one_hot(shape_logits.argmax(-1), 9).float(),
+           "color_targets": torch.nn.functional.one_hot(color_logits.argmax(-1), 10).float()}
+    assert perception_agreement(model, own) == {"objects": 2, "shape": 1.0, "color": 1.0}
+    wrong = {**own, "color_targets": torch.roll(own["color_targets"], 1, dims=-1)}
+    assert perception_agreement(model, wrong)["color"] == 0.0
+    reflector = reflector_from_judge(ObjectJudge(model, None))
+    with torch.no_grad():
+        for a, b in zip(reflector.object_tokens(f["crops"], f["geometry"], f["object_mask"]),
+                        (obj, shape_logits, color_logits)):
+            assert torch.equal(a, b)

@@ -51,10 +51,6 @@ class ObjectJudgeConfig(PretrainedConfig):
             classes + junk; colours).
         perception_weight: weight of the perception loss (training only; see
             :class:`ObjectJudgeModel`).
-        mean_rgb: the colour head also sees the region's mask-weighted mean RGB, as
-            the detector's colour head does (:class:`cotgen.world.detector.ShapesNet`):
-            the crop encoder's GroupNorm removes most of a crop's absolute colour.
-            False (the default) keeps judges saved before this option loadable.
     """
 
     model_type = "cotgen-object-judge"
@@ -74,10 +70,8 @@ class ObjectJudgeConfig(PretrainedConfig):
         num_shapes: int = 9,
         num_colors: int = 10,
         perception_weight: float = 1.0,
-        mean_rgb: bool = False,
         **kwargs,
     ) -> None:
-        self.mean_rgb = mean_rgb
         self.num_shapes = num_shapes
         self.num_colors = num_colors
         self.perception_weight = perception_weight
@@ -129,8 +123,7 @@ class ObjectJudgeModel(PreTrainedModel):
         )
         self.geometry = nn.Sequential(nn.Linear(GEOMETRY, d), nn.GELU(), nn.Linear(d, d))
         self.shape_head = nn.Linear(d, config.num_shapes)
-        self.color_head = (nn.Sequential(nn.Linear(d + 3, d), nn.GELU(), nn.Linear(d, config.num_colors))
-                           if config.mean_rgb else nn.Linear(d, config.num_colors))
+        self.color_head = nn.Linear(d, config.num_colors)
         self.perception = nn.Linear(config.num_shapes + config.num_colors, d)
         self.words = nn.Embedding(config.text_vocab, d)
         self.questions = nn.Embedding(len(QUESTION_IDS), d)
@@ -167,16 +160,10 @@ class ObjectJudgeModel(PreTrainedModel):
         """Object token embeddings float ``(B, O, hidden)`` and the perception logits
         ``(B, O, num_shapes)``, ``(B, O, num_colors)`` of :meth:`forward`'s inputs."""
         B, O = object_mask.shape
-        flat = crops.float().flatten(0, 1)
-        crop = self.crop_encoder(flat)
-        color_in = crop
-        if self.config.mean_rgb:  # mask-weighted mean of the cut-out's RGB channels (crop_inputs' scaling)
-            m = flat[:, 3:4]
-            color_in = torch.cat([crop, (flat[:, :3] * m).sum((2, 3)) / m.sum((2, 3)).clamp_min(1e-3)], -1)
-        shape_logits = self.shape_head(crop).view(B, O, -1)
-        color_logits = self.color_head(color_in).view(B, O, -1)
+        crop = self.crop_encoder(crops.float().flatten(0, 1)).view(B, O, -1)
+        shape_logits, color_logits = self.shape_head(crop), self.color_head(crop)
         percept = torch.cat([shape_logits.softmax(-1), color_logits.softmax(-1)], -1)
-        obj = crop.view(B, O, -1) + self.geometry(geometry.float()) + self.perception(percept)
+        obj = crop + self.geometry(geometry.float()) + self.perception(percept)
         return obj, shape_logits, color_logits
 
     def encode(self, first, obj, object_mask, words):
