@@ -49,9 +49,12 @@ def test_parm_cuts_paths_without_potential(gen):
     cut_any = False
     for r in results:
         assert len(r.paths) == 6
+        # potentials are hashes of the pixels: when all 6 fall below 0.5 (1 prompt in 64, and which
+        # prompts depends on the CPU's float rounding), the fallback keeps the highest one
+        kept = max(r.paths, key=lambda t: t.potential) if all(t.potential < 0.5 for t in r.paths) else None
         for t in r.paths:
             assert t.clear_step == 1  # clear from 25 % = after step 1 of 4
-            if t.potential < 0.5:
+            if t.potential < 0.5 and t is not kept:
                 cut_any = True
                 assert t.cut_at_step == 1 and t.image_tokens == STEP and t.outcome is None
             else:
