@@ -364,10 +364,23 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
     final = root / PATHS["judge"]
     tmp = _tmp_dir(final)
     labeller = None
-    if j.get("perception_targets", False):  # the evaluator's per-object perception, training images only
+    counterfactuals = {"per_image": 0, "heldout_per_image": 0, "objects": (1, 2), **(j.get("color_counterfactuals") or {})}
+    measure_cf = counterfactuals["per_image"] or counterfactuals["heldout_per_image"]
+    if j.get("perception_targets", False) or measure_cf:
         from cotgen.world.detector import ShapesDetector
 
-        labeller = ShapesDetector.from_pretrained(root / PATHS["detector"])
+        detector = ShapesDetector.from_pretrained(root / PATHS["detector"])
+        # the evaluator's per-object perception, a target on training images only
+        labeller = detector if j.get("perception_targets", False) else None
+    cf_summary = None
+    if measure_cf:  # colour counterfactuals: training examples and / or a held-out measurement
+        from cotgen.reward.counterfactual import judge_counterfactuals
+
+        cf, cf_summary = judge_counterfactuals(traj, examples, image_tokenizer, detector,
+                                               load_metadata(root / PATHS["eval_prompts"]), counterfactuals["per_image"],
+                                               j["seed"], objects=counterfactuals["objects"],
+                                               heldout_per_image=counterfactuals["heldout_per_image"])
+        examples = examples + cf
     _, metrics = train_judge(
         tmp, traj, examples, image_tokenizer, text, model_size=j["model"], steps=j["steps"],
         batch_size=j["batch_size"], learning_rate=j["learning_rate"], warmup_steps=j["warmup_steps"], seed=j["seed"],
@@ -375,6 +388,8 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
     )
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     _replace_dir(tmp, final)
+    if cf_summary is not None:
+        metrics["counterfactual_data"] = cf_summary
     write_summary(root / "metrics/judge.json", metrics)
     return metrics
 

@@ -210,8 +210,9 @@ def image_features(
     Regions come from :func:`cotgen.world.detector.segment`; the ``max_objects``
     largest are kept, in raster order of their first pixel.
 
-    With ``perception_labeller`` (training only: a
-    :class:`cotgen.world.detector.ShapesDetector`, whose segmentation is the same), also
+    With ``perception_labeller`` (a :class:`cotgen.world.detector.ShapesDetector`, whose
+    segmentation is the same; training targets, and on held-out images a measurement
+    only, never an input of a score), also
     ``shape_targets`` float32 ``(N, O, num_shapes)`` and ``color_targets`` float32
     ``(N, O, num_colors)``: its class (+ junk) and colour probabilities per region.
 

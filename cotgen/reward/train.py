@@ -57,6 +57,22 @@ class FeatureBank:
         return {k: v[list(rows)] for k, v in self.features.items()}
 
 
+def with_word_rows(traj: Trajectories, examples: Sequence[dict]) -> tuple[list[str], list[dict]]:
+    """The prompt texts the examples ask about, and the examples with ``words_row`` (their
+    row in those texts): the path's own prompt, or an example's ``prompt`` when it asks
+    about another (a colour counterfactual)."""
+    texts = [p["prompt"] for p in traj.paths]
+    extra: dict[str, int] = {}
+    out = []
+    for e in examples:
+        if "prompt" in e:
+            row = extra.setdefault(e["prompt"], len(texts) + len(extra))
+        else:
+            row = e["path"]
+        out.append({**e, "words_row": row})
+    return texts + list(extra), out
+
+
 class ExampleDataset(torch.utils.data.Dataset):
     def __init__(self, examples, bank: FeatureBank, words: torch.Tensor, num_steps: int) -> None:
         self.examples, self.bank, self.words, self.num_steps = list(examples), bank, words, num_steps
@@ -69,7 +85,7 @@ class ExampleDataset(torch.utils.data.Dataset):
         row = self.bank.index[(e["path"], e["step"])]
         return {
             **{k: v[row] for k, v in self.bank.features.items()},
-            "words": self.words[e["path"]],
+            "words": self.words[e.get("words_row", e["path"])],
             "question": torch.tensor(QUESTION_IDS[e["question"]]),
             "progress": torch.tensor(e["step"] / self.num_steps, dtype=torch.float32),
             "labels": torch.tensor(int(e["label"])),
@@ -113,7 +129,10 @@ def train_judge(
                                **(model_size or {}))
     model = ObjectJudgeModel(config)
     judge = ObjectJudge(model, text_tokenizer)
-    words = judge.encode_prompts([p["prompt"] for p in traj.paths])
+    texts, examples = with_word_rows(traj, examples)
+    train = [e for e in examples if e["split"] == "train"]
+    held = [e for e in examples if e["split"] == "heldout"]
+    words = judge.encode_prompts(texts)
     bank = FeatureBank(traj, image_tokenizer, train, config, progress, perception_labeller=perception_labeller)
     # held-out targets only measure the perception heads (metrics "perception"); scores never see them
     held_bank = FeatureBank(traj, image_tokenizer, held, config, progress, perception_labeller=perception_labeller)
@@ -139,12 +158,16 @@ def evaluate_judge(judge: ObjectJudge, examples, bank: FeatureBank, words, num_s
         finals = sorted({bank.index[(e["path"], e["step"])] for e in examples if e["step"] == num_steps})
         out["perception"] = perception_agreement(judge.model, bank.get(finals))
     by_q: dict[str, list[dict]] = {}
-    for e in examples:
-        by_q.setdefault(e["question"], []).append(e)
+    for e in examples:  # colour counterfactuals are measured apart ("outcome_counterfactual", ...)
+        by_q.setdefault(e["question"] + ("_counterfactual" if e.get("counterfactual") else ""), []).append(e)
     for q, ex in sorted(by_q.items()):
-        scores = score_examples(judge, q, ex, bank, words, num_steps, batch_size)
+        scores = score_examples(judge, q.removesuffix("_counterfactual"), ex, bank, words, num_steps, batch_size)
         labels = np.array([e["label"] for e in ex], dtype=int)
         out[q] = binary_metrics(labels, scores, ci=True)
+        if q == "outcome_counterfactual":
+            tags = np.array([e["tag"] for e in ex])
+            out["outcome_counterfactual_by_tag"] = {t: binary_metrics(labels[tags == t], scores[tags == t])
+                                                    for t in sorted(set(tags.tolist()))}
         if q == "potential":
             steps = sorted({e["step"] for e in ex})
             out["potential_auroc_by_step"] = {
@@ -182,7 +205,8 @@ def score_examples(judge, question, examples, bank, words, num_steps, batch_size
         chunk = examples[start : start + batch_size]
         rows = [bank.index[(e["path"], e["step"])] for e in chunk]
         prog = np.array([e["step"] / num_steps for e in chunk], dtype=np.float32)
-        scores.append(judge.score_features(question, words[[e["path"] for e in chunk]], bank.get(rows), prog))
+        word_rows = [e.get("words_row", e["path"]) for e in chunk]
+        scores.append(judge.score_features(question, words[word_rows], bank.get(rows), prog))
     return np.concatenate(scores) if scores else np.zeros(0)
 
 
