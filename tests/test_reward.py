@@ -260,3 +260,55 @@ def test_perception_agreement_and_the_reflector_share_the_object_tokens():
         for a, b in zip(reflector.object_tokens(f["crops"], f["geometry"], f["object_mask"]),
                         (obj, shape_logits, color_logits)):
             assert torch.equal(a, b)
+
+
+def test_word_grounding_binds_colour_words_to_the_objects_that_have_them():
+    from cotgen.reflect.judge import reflector_from_judge
+    from cotgen.reward.object_judge import GROUNDING, word_classes
+    from cotgen.tokenizer.text import build_text_tokenizer
+    from cotgen.world.vocab import COLORS
+
+    tok = build_text_tokenizer()
+    classes = word_classes(tok)
+    vocab = tok.get_vocab()
+    assert classes[vocab["circle"]] == classes[vocab["circles"]] == SHAPES.index("circle")
+    assert classes[vocab["crosses"]] == SHAPES.index("cross")
+    assert classes[vocab["blue"]] == len(SHAPES) + 1 + COLORS.index("blue")  # after the junk class
+    assert classes[vocab["photo"]] == classes[vocab["three"]] == -1
+    with pytest.raises(ValueError, match="lacks the class names"):
+        word_classes(tok, shapes=("circle", "dog"))
+    with pytest.raises(ValueError, match="word_classes has 3 entries"):
+        ObjectJudgeConfig(text_vocab=len(tok), word_classes=[-1, 0, 1])
+
+    config = ObjectJudgeConfig(text_vocab=len(tok), hidden_size=16, num_attention_heads=2, intermediate_size=32,
+                               word_classes=classes)
+    model = ObjectJudgeModel(config).eval()
+    # two objects seen with certainty: a red circle on the left, a blue square on the right
+    shape_logits = torch.full((1, 8, 9), -30.0)
+    color_logits = torch.full((1, 8, 10), -30.0)
+    shape_logits[0, 0, SHAPES.index("circle")] = shape_logits[0, 1, SHAPES.index("square")] = 30.0
+    color_logits[0, 0, COLORS.index("red")] = color_logits[0, 1, COLORS.index("blue")] = 30.0
+    geometry = torch.zeros(1, 8, 6)
+    geometry[0, 0, :2] = torch.tensor([0.25, 0.5])
+    geometry[0, 1, :2] = torch.tensor([0.75, 0.5])
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, :2] = True
+    judge = ObjectJudge(model, tok)
+
+    def features(prompt):
+        g = model.word_grounding(shape_logits, color_logits, geometry, mask, judge.encode_prompts([prompt]))
+        assert g.shape == (1, 12, GROUNDING)
+        return g[0, -2:]  # the last two words: "<colour> <shape>"
+
+    right = features("a photo of a red circle and a blue square")
+    swapped = features("a photo of a blue circle and a red square")
+    assert right[1, 3] == pytest.approx(1.0) and swapped[1, 3] == pytest.approx(0.0)  # "square" with "blue" / "red"
+    assert right[0, 4] == pytest.approx(1.0) and swapped[0, 4] == pytest.approx(0.0)  # "blue" with "square"
+    assert right[:, 1].tolist() == swapped[:, 1].tolist() == [1.0, 1.0]  # each word alone is in the image
+    assert right[1, 5] == pytest.approx(0.75)  # where the square is
+    mask[0, 1] = False  # the square is gone: nothing matches "square"
+    assert features("a photo of a red circle and a blue square")[1, 1] == pytest.approx(0.0, abs=1e-6)
+    # the reflector computes the same grounding (it inherits the judge's config)
+    assert reflector_from_judge(judge).config.word_classes == classes
+    saved = ObjectJudgeConfig.from_dict(config.to_dict())
+    assert saved.word_classes == classes

@@ -384,7 +384,7 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
     _, metrics = train_judge(
         tmp, traj, examples, image_tokenizer, text, model_size=j["model"], steps=j["steps"],
         batch_size=j["batch_size"], learning_rate=j["learning_rate"], warmup_steps=j["warmup_steps"], seed=j["seed"],
-        perception_labeller=labeller,
+        perception_labeller=labeller, word_grounding=j.get("word_grounding", False),
     )
     shutil.rmtree(tmp / "trainer", ignore_errors=True)
     _replace_dir(tmp, final)

@@ -117,7 +117,7 @@ def color_counterfactuals(
     return out
 
 
-def counterfactual_examples(examples: Sequence[dict], counterfactuals: Sequence[dict], num_steps: int) -> list[dict]:
+def counterfactual_examples(examples: Sequence[dict], counterfactuals: Sequence[dict]) -> list[dict]:
     """Judge examples of the counterfactuals: each path's ``outcome`` and ``potential``
     examples (same steps) asked again with the new ``prompt`` and its label (potential
     inherits the outcome from the first clear step on, as in :func:`judge_examples`),
@@ -172,7 +172,7 @@ def judge_counterfactuals(traj, examples, image_tokenizer, detector, eval_set: S
                               ("heldout", eval_prompts, heldout_per_image)):
         cfs += color_counterfactuals(traj, {r: det[r] for r in rows if traj.paths[r]["split"] == split}, exclude,
                                      n, seed, objects)
-    cf_examples = counterfactual_examples(examples, cfs, traj.num_steps)
+    cf_examples = counterfactual_examples(examples, cfs)
     summary = {}
     for split in ("train", "heldout"):
         part = [c for c in cfs if c["split"] == split]

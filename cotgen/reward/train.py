@@ -19,7 +19,14 @@ from tqdm import tqdm
 from transformers import Trainer
 
 from cotgen.reward.data import Trajectories
-from cotgen.reward.object_judge import QUESTION_IDS, ObjectJudge, ObjectJudgeConfig, ObjectJudgeModel, image_features
+from cotgen.reward.object_judge import (
+    QUESTION_IDS,
+    ObjectJudge,
+    ObjectJudgeConfig,
+    ObjectJudgeModel,
+    image_features,
+    word_classes,
+)
 from cotgen.training import training_arguments
 
 
@@ -106,18 +113,23 @@ def train_judge(
     seed: int = 0,
     progress: bool = True,
     perception_labeller=None,
+    word_grounding: bool = False,
 ) -> tuple[ObjectJudge, dict]:
     """Train the object-centric judge on the ``train`` split of ``examples``; save it to
     ``out_dir``; return it and the held-out metrics of :func:`evaluate_judge`.
 
+    An example asks about its path's prompt, or about its own ``prompt`` when it has one
+    (a colour counterfactual, :mod:`cotgen.reward.counterfactual`).
     ``perception_labeller`` (the world's detector) supplies per-object shape / colour
     targets of the training images (:class:`ObjectJudgeModel`); held-out examples are
-    scored without it, as at test time.
+    scored without it, as at test time. ``word_grounding`` gives the judge the grounding
+    features of its prompt words (:func:`cotgen.reward.object_judge.word_classes`).
 
     Raises:
         ValueError: no training examples, or only one label.
     """
     torch.manual_seed(seed)
+    texts, examples = with_word_rows(traj, examples)
     train = [e for e in examples if e["split"] == "train"]
     held = [e for e in examples if e["split"] == "heldout"]
     if not train or len({e["label"] for e in train}) < 2:
@@ -126,12 +138,10 @@ def train_judge(
         if len({e["label"] for e in train if e["question"] == q}) < 2:
             warnings.warn(f"judge: every {q!r} training label is the same; that question cannot be learned", stacklevel=2)
     config = ObjectJudgeConfig(text_vocab=len(text_tokenizer), pad_token_id=text_tokenizer.pad_token_id,
+                               word_classes=word_classes(text_tokenizer) if word_grounding else None,
                                **(model_size or {}))
     model = ObjectJudgeModel(config)
     judge = ObjectJudge(model, text_tokenizer)
-    texts, examples = with_word_rows(traj, examples)
-    train = [e for e in examples if e["split"] == "train"]
-    held = [e for e in examples if e["split"] == "heldout"]
     words = judge.encode_prompts(texts)
     bank = FeatureBank(traj, image_tokenizer, train, config, progress, perception_labeller=perception_labeller)
     # held-out targets only measure the perception heads (metrics "perception"); scores never see them
