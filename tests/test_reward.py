@@ -262,7 +262,7 @@ def test_perception_agreement_and_the_reflector_share_the_object_tokens():
             assert torch.equal(a, b)
 
 
-def test_word_grounding_binds_colour_words_to_the_objects_that_have_them():
+def test_word_grounding_binds_colour_words_to_the_objects_that_have_them(tmp_path):
     from cotgen.reflect.judge import reflector_from_judge
     from cotgen.reward.object_judge import GROUNDING, word_classes
     from cotgen.tokenizer.text import build_text_tokenizer
@@ -310,5 +310,9 @@ def test_word_grounding_binds_colour_words_to_the_objects_that_have_them():
     assert features("a photo of a red circle and a blue square")[1, 1] == pytest.approx(0.0, abs=1e-6)
     # the reflector computes the same grounding (it inherits the judge's config)
     assert reflector_from_judge(judge).config.word_classes == classes
-    saved = ObjectJudgeConfig.from_dict(config.to_dict())
-    assert saved.word_classes == classes
+    judge.save_pretrained(tmp_path / "judge")
+    loaded = ObjectJudge.from_pretrained(tmp_path / "judge").model
+    assert loaded.config.word_classes == classes
+    words = judge.encode_prompts(["a photo of a red circle and a blue square"])
+    torch.testing.assert_close(loaded.word_grounding(shape_logits, color_logits, geometry, mask, words),
+                               model.word_grounding(shape_logits, color_logits, geometry, mask, words))

@@ -163,9 +163,8 @@ class ObjectJudgeModel(PreTrainedModel):
         self.color_head = nn.Linear(d, config.num_colors)
         self.perception = nn.Linear(config.num_shapes + config.num_colors, d)
         self.words = nn.Embedding(config.text_vocab, d)
-        if config.word_classes is not None:
-            self.register_buffer("word_class", torch.tensor(config.word_classes, dtype=torch.long), persistent=False)
-            self.grounding = nn.Linear(GROUNDING, d)
+        if config.word_classes is not None:  # (the class table is read from the config: a buffer would be left
+            self.grounding = nn.Linear(GROUNDING, d)  # uninitialised by from_pretrained)
         self.questions = nn.Embedding(len(QUESTION_IDS), d)
         self.progress = nn.Linear(1, d)
         self.encoder = BertModel(
@@ -213,7 +212,7 @@ class ObjectJudgeModel(PreTrainedModel):
         if self.config.word_classes is None:
             return None
         percept = torch.cat([shape_logits.softmax(-1), color_logits.softmax(-1)], -1)  # (B, O, S + C)
-        cls = self.word_class[words]  # (B, L)
+        cls = torch.tensor(self.config.word_classes, dtype=torch.long, device=words.device)[words]  # (B, L)
         named = cls >= 0
         B, L = words.shape
         idx = cls.clamp(min=0)[:, :, None, None].expand(B, L, percept.shape[1], 1)
