@@ -11,19 +11,35 @@ from cotgen.pipeline.stages import PATHS, STAGES, run_stage
 from .conftest import ORDER, REPO
 
 
-def test_dvc_stages_call_pipeline_functions():
+def _expanded_commands(dvcfile):
+    """cmd of every stage of a dvc.yaml, matrix stages expanded (DVC's ${item.key})."""
+    import itertools
+
     import yaml
 
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    reflect = {}
-    for name, stage in yaml.safe_load((REPO / "reflect/dvc.yaml").read_text())["stages"].items():
-        for item in stage.get("matrix", {}).get("row", [None]):  # matrix stages: one per Table-5 row
-            key = f"table5_{item}" if item else name
-            reflect[key] = {**stage, "cmd": stage["cmd"].replace("${item.row}", str(item))}
-    assert set(ORDER) | set(reflect) <= set(STAGES)  # PARM++ stages: the on-demand reflect/dvc.yaml
+    cmds = {}
+    for name, stage in yaml.safe_load(dvcfile.read_text())["stages"].items():
+        matrix = stage.get("matrix", {})
+        for values in itertools.product(*matrix.values()):
+            cmd = stage["cmd"]
+            for key, value in zip(matrix, values):
+                cmd = cmd.replace(f"${{item.{key}}}", str(value))
+            cmds[name + "".join(f"@{v}" for v in values)] = cmd
+    return cmds
+
+
+def test_dvc_stages_call_pipeline_functions():
+    stages = _expanded_commands(REPO / "dvc.yaml")
     assert list(stages) == ORDER  # every stage of the main job, in an order DVC can run them
-    for name, stage in {**stages, **reflect}.items():
-        assert stage["cmd"].startswith(f"cotgen stage {name}")
+    for name, cmd in stages.items():
+        assert cmd.startswith(f"cotgen stage {name}")
+    # the on-demand files (PARM++, ablations) call the same stage functions (or `cotgen evaluate-search`)
+    for dvcfile in ("reflect/dvc.yaml", "ablations/dvc.yaml"):
+        for name, cmd in _expanded_commands(REPO / dvcfile).items():
+            if cmd.startswith("cotgen evaluate-search "):
+                continue
+            assert cmd.startswith("cotgen stage "), (dvcfile, name, cmd)
+            assert cmd.split()[2] in STAGES, (dvcfile, name, cmd)
 
 
 def test_file_stages_lists_another_dvc_yaml_in_order(tmp_path):

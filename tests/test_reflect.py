@@ -335,6 +335,12 @@ def test_reflect_stages_on_the_tiny_pipeline(tiny_run, tmp_path):
         assert {"overall", "tags", "images", "prompts", "n", "image_tokens_per_image"} <= set(m)
         assert m["eval_prompts"] == 6  # one per tag
     assert json.loads((root / "metrics/geneval_parm_pp.json").read_text())["rounds_per_image"] <= 2
+    # the same row at another eval section (ablations/dvc.yaml table5_n20): its own files, the main ones untouched
+    params["reflect"]["eval_n20"] = {**params["reflect"]["eval"], "n": 3}
+    assert run_stage("table5_n20_parm_pp", params, root)["n"] == 3
+    assert json.loads((root / "metrics/geneval_parm_pp_n20.json").read_text())["n"] == 3
+    assert (root / "data/traces/parm_pp_n20.jsonl").is_file() and (root / "data/samples/parm_pp_n20").is_dir()
+    assert json.loads((root / "metrics/geneval_parm_pp.json").read_text())["n"] == 2
 
     # package_parm_pp: PARM++ added to the promoted model, behind its gate
     from cotgen.pipeline.gate import GateFailedError

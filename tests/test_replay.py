@@ -50,6 +50,13 @@ def test_judge_on_records_measures_the_recorded_scores():
     assert out["outcome_by_tag"]["counting"]["auroc"] == 0.5 and out["outcome_by_tag"]["colors"]["auroc"] == 0.5
     assert out["outcome"]["n"] == 6 and out["outcome"]["yes_rate"] == 0.5
     assert set(out["potential_by_step"]) == {"1", "2", "3"}
+    # within a record: the flipped copy's pairs mirror the first's, so 1/2 at every step
+    assert out["potential_within_prompt_by_step"] == {"1": 0.5, "2": 0.5, "3": 0.5}
+    # one record: after step 2 the correct path's 0.9 beats 0.1 and 0.0; after step 3 its 0.0 ties 0.0 and loses to 0.3
+    within = judge_on_records([{**RECORD, "tag": "counting"}], ci=False)["potential_within_prompt_by_step"]
+    assert within == {"1": 1.0, "2": 1.0, "3": 0.25}
+    assert judge_on_records([{**RECORD, "tag": "counting", "paths": RECORD["paths"][:1]}],
+                            ci=False)["potential_within_prompt_by_step"]["1"] is None
     with pytest.raises(ValueError, match="no records"):
         judge_on_records([])
 

@@ -924,12 +924,12 @@ def stage_score_variant(params: dict, root: Path = Path("."), variant: str = "dp
 REFLECT_STAGES = ("reflect_data", "reflect_judge", "corrector", "reflect_table", "package_parm_pp")
 
 
-def _reflect_stage(name: str, row: str | None = None):
+def _reflect_stage(name: str, row: str | None = None, eval_key: str = "eval"):
     def run(params: dict, root: Path = Path(".")) -> dict:
         from cotgen.reflect import stages as reflect
 
         if row is not None:
-            return reflect.run_table5_row(params, Path(root), row)
+            return reflect.run_table5_row(params, Path(root), row, eval_key)
         return getattr(reflect, f"stage_{name}")(params, Path(root))
 
     run.__doc__ = f"PARM++ stage {name} (see cotgen.reflect.stages)."
@@ -967,9 +967,11 @@ for _v in ALIGN_VARIANTS:
 
 
 STAGES.update({name: _reflect_stage(name) for name in REFLECT_STAGES})
-STAGES.update({f"table5_{row}": _reflect_stage("table5", row) for row in
-               ("parm_pp_corrector_sample", "parm_pp_corrector_orm", "parm_pp_corrector_parm", "parm_pp_noreflect",
-                "parm_pp")})
+from cotgen.reflect.stages import TABLE5  # noqa: E402  (numpy and json only)
+
+STAGES.update({f"table5_{row}": _reflect_stage("table5", row) for row in TABLE5})
+# the same rows at the paper's N = 20 (ablations/dvc.yaml table5_n20, reflect.eval_n20)
+STAGES.update({f"table5_n20_{row}": _reflect_stage("table5", row, "eval_n20") for row in TABLE5})
 
 # --------------------------------------------------------------- real GenEval (real/dvc.yaml, on demand)
 

@@ -139,12 +139,19 @@ def stage_corrector(params: dict, root: Path = Path(".")) -> dict:
     return metrics
 
 
-def run_table5_row(params: dict, root: Path, name: str) -> dict:
-    """One Table-5 row on the evaluation set (``reflect.eval``: ``max_prompts`` prompts
-    drawn evenly over the tags, seeded, or all; ``images_per_prompt`` images each, N = ``n``): the self-correction
-    generator (first-round mode) with the row's strategy; writes ``data/samples/<name>``,
-    ``data/traces/<name>.jsonl``, ``metrics/geneval_<name>.json`` (GenEval keys plus
-    ``image_tokens_per_image``, ``rounds_per_image``, ``rounds_histogram``)."""
+def run_table5_row(params: dict, root: Path, name: str, eval_key: str = "eval") -> dict:
+    """One Table-5 row on the evaluation set (``reflect.<eval_key>``, ``reflect.eval`` by
+    default: ``max_prompts`` prompts drawn evenly over the tags, seeded, or all;
+    ``images_per_prompt`` images each, N = ``n``): the self-correction generator
+    (first-round mode) with the row's strategy; writes ``data/samples/<out>``,
+    ``data/traces/<out>.jsonl``, ``metrics/geneval_<out>.json`` (GenEval keys plus
+    ``image_tokens_per_image``, ``rounds_per_image``, ``rounds_histogram``), where
+    ``<out>`` is ``name``, suffixed ``_<eval_key without "eval_">`` for another eval
+    section (``eval_n20`` -> ``parm_pp_n20``).
+
+    Raises:
+        KeyError: ``name`` is not a row of :data:`TABLE5` or ``reflect.<eval_key>`` is missing.
+    """
     from cotgen.geneval.metadata import load_metadata, write_metadata
     from cotgen.geneval.report import plot_tags
     from cotgen.geneval.scoring import score_folder, write_results
@@ -154,8 +161,9 @@ def run_table5_row(params: dict, root: Path, name: str) -> dict:
     from cotgen.search import SearchConfig
     from cotgen.world.detector import ShapesDetector
 
-    e, se = params["reflect"]["eval"], params["search"]
+    e, se = params["reflect"][eval_key], params["search"]
     strategy, searched, reflection = TABLE5[name]
+    out = name if eval_key == "eval" else f"{name}_{eval_key.removeprefix('eval_')}"
     n = e["n"] if searched else 1
     _validate("prompts", root / MAIN["eval_prompts"], root)
     eval_set = load_metadata(root / MAIN["eval_prompts"])
@@ -168,11 +176,11 @@ def run_table5_row(params: dict, root: Path, name: str) -> dict:
     config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"], max_rounds=e["max_rounds"],
                           accept_threshold=e["accept_threshold"], reflection=reflection)
 
-    final = root / "data/samples" / name
+    final = root / "data/samples" / out
     traces = search_eval_set(corrector.generator, judge, eval_set, sampling_config(params, n), config,
-                             e["images_per_prompt"], se["batch_prompts"], final, root / "data/traces" / f"{name}.jsonl",
-                             desc=name, search_kwargs=corrector.first_round_search_kwargs)
-    subset = _mkparent(root / "data/reflect" / f"eval_{name}.jsonl")
+                             e["images_per_prompt"], se["batch_prompts"], final, root / "data/traces" / f"{out}.jsonl",
+                             desc=out, search_kwargs=corrector.first_round_search_kwargs)
+    subset = _mkparent(root / "data/reflect" / f"eval_{out}.jsonl")
     write_metadata(subset, eval_set)
     detector = ShapesDetector.from_pretrained(root / MAIN["detector"])
     results, summary = score_folder(final, detector, metadata_file=subset)
@@ -184,9 +192,9 @@ def run_table5_row(params: dict, root: Path, name: str) -> dict:
                    rounds_per_image=float(np.mean(rounds)),
                    rounds_histogram={str(k): v for k, v in sorted(Counter(rounds).items())},
                    eval_prompts=len(eval_set))
-    write_results(_mkparent(root / "data/results" / f"{name}.jsonl"), results)
-    _write_json(root / f"metrics/geneval_{name}.json", summary)
-    plot_tags(_mkparent(root / f"plots/geneval_{name}.png"), summary, title=f"GenEval-Shapes, {name} (N={n})")
+    write_results(_mkparent(root / "data/results" / f"{out}.jsonl"), results)
+    _write_json(root / f"metrics/geneval_{out}.json", summary)
+    plot_tags(_mkparent(root / f"plots/geneval_{out}.png"), summary, title=f"GenEval-Shapes, {out} (N={n})")
     return summary
 
 

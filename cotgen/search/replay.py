@@ -242,8 +242,12 @@ def judge_on_records(records: Sequence[dict], ci: bool = True) -> dict:
     (evaluation-set) paths, which no judge is trained on: ``outcome`` (P(yes) of every
     final image; AUROC, its 95% bootstrap interval with ``ci``, accuracy at 0.5, ``n``,
     ``yes_rate``), ``outcome_by_tag`` (AUROC within each GenEval tag: how well the ORM
-    picks among one prompt's kind of paths) and ``potential_by_step`` (AUROC of
-    potential after step s + 1 against the path's final verdict).
+    picks among one prompt's kind of paths), ``potential_by_step`` (AUROC of
+    potential after step s + 1 against the path's final verdict, all paths pooled) and
+    ``potential_within_prompt_by_step`` (the same, counting only pairs of one record's
+    paths, one correct and one wrong: what a cut among one prompt's paths can use, since
+    pooled AUROC also rewards telling easy prompts from hard ones; ``None`` without a
+    record whose paths disagree).
 
     Raises:
         ValueError: no records.
@@ -263,7 +267,22 @@ def judge_on_records(records: Sequence[dict], ci: bool = True) -> dict:
     out["potential_by_step"] = {
         str(s + 1): binary_metrics(labels, np.array([p["potential"][s] for _, p in paths]))["auroc"] for s in range(steps)
     }
+    out["potential_within_prompt_by_step"] = {str(s + 1): _within_record_auroc(records, s) for s in range(steps)}
     return out
+
+
+def _within_record_auroc(records: Sequence[dict], s: int) -> float | None:
+    """P(potential after step s + 1 of a correct path > that of a wrong path of the same
+    record), ties counted half, over all such pairs; None without one."""
+    wins = pairs = 0.0
+    for r in records:
+        pos = np.array([p["potential"][s] for p in r["paths"] if p["correct"]])
+        neg = np.array([p["potential"][s] for p in r["paths"] if not p["correct"]])
+        if len(pos) and len(neg):
+            diff = pos[:, None] - neg[None, :]
+            wins += (diff > 0).sum() + 0.5 * (diff == 0).sum()
+            pairs += diff.size
+    return float(wins / pairs) if pairs else None
 
 
 def check_against_traces(records: Sequence[dict], trace_lines: Sequence[dict], strategy: str, **knobs) -> dict:
