@@ -128,6 +128,13 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.GELU())
 
 
+def percept(shape_logits: torch.Tensor, color_logits: torch.Tensor) -> torch.Tensor:
+    """The perception heads' distributions side by side: float ``(B, O, num_shapes +
+    num_colors)``, each part summing to 1 over its classes (the order of
+    :func:`word_classes`' class ids)."""
+    return torch.cat([shape_logits.softmax(-1), color_logits.softmax(-1)], -1)
+
+
 class ObjectJudgeModel(PreTrainedModel):
     """``forward(crops, geometry, object_mask, words, question, progress, labels=None,
     shape_targets=None, color_targets=None)``.
@@ -201,8 +208,7 @@ class ObjectJudgeModel(PreTrainedModel):
         B, O = object_mask.shape
         crop = self.crop_encoder(crops.float().flatten(0, 1)).view(B, O, -1)
         shape_logits, color_logits = self.shape_head(crop), self.color_head(crop)
-        percept = torch.cat([shape_logits.softmax(-1), color_logits.softmax(-1)], -1)
-        obj = crop + self.geometry(geometry.float()) + self.perception(percept)
+        obj = crop + self.geometry(geometry.float()) + self.perception(percept(shape_logits, color_logits))
         return obj, shape_logits, color_logits
 
     def word_grounding(self, shape_logits, color_logits, geometry, object_mask, words) -> torch.Tensor | None:
@@ -211,12 +217,17 @@ class ObjectJudgeModel(PreTrainedModel):
         without ``config.word_classes``."""
         if self.config.word_classes is None:
             return None
-        percept = torch.cat([shape_logits.softmax(-1), color_logits.softmax(-1)], -1)  # (B, O, S + C)
-        cls = torch.tensor(self.config.word_classes, dtype=torch.long, device=words.device)[words]  # (B, L)
+        p = percept(shape_logits, color_logits)  # (B, O, S + C)
+        # the word -> class table, built once per device (a plain attribute: a non-persistent
+        # buffer comes back uninitialised from from_pretrained)
+        table = getattr(self, "_word_class_table", None)
+        if table is None or table.device != words.device:
+            table = self._word_class_table = torch.tensor(self.config.word_classes, dtype=torch.long, device=words.device)
+        cls = table[words]  # (B, L)
         named = cls >= 0
         B, L = words.shape
-        idx = cls.clamp(min=0)[:, :, None, None].expand(B, L, percept.shape[1], 1)
-        m = percept[:, None].expand(B, L, *percept.shape[1:]).gather(-1, idx).squeeze(-1)  # (B, L, O)
+        idx = cls.clamp(min=0)[:, :, None, None].expand(B, L, p.shape[1], 1)
+        m = p[:, None].expand(B, L, *p.shape[1:]).gather(-1, idx).squeeze(-1)  # (B, L, O)
         m = m * object_mask[:, None, :].float() * named[..., None].float()
         prev = torch.cat([torch.zeros_like(m[:, :1]), m[:, :-1]], 1)
         nxt = torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], 1)
