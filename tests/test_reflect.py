@@ -336,9 +336,11 @@ def test_reflect_stages_on_the_tiny_pipeline(tiny_run, tmp_path):
         assert m["eval_prompts"] == 6  # one per tag
     assert json.loads((root / "metrics/geneval_parm_pp.json").read_text())["rounds_per_image"] <= 2
     # the same row at another eval section (ablations/dvc.yaml table5_n20): its own files, the main ones untouched
-    params["reflect"]["eval_n20"] = {**params["reflect"]["eval"], "n": 3}
+    params["reflect"]["eval_n20"] = {"n": 3}  # overrides of reflect.eval
     assert run_stage("table5_n20_parm_pp", params, root)["n"] == 3
-    assert json.loads((root / "metrics/geneval_parm_pp_n20.json").read_text())["n"] == 3
+    n20 = json.loads((root / "metrics/geneval_parm_pp_n20.json").read_text())
+    assert n20["n"] == 3 and n20["eval_prompts"] == 6  # reflect.eval's subset and rounds, eval_n20's N
+    assert n20["rounds_per_image"] <= 2
     assert (root / "data/traces/parm_pp_n20.jsonl").is_file() and (root / "data/samples/parm_pp_n20").is_dir()
     assert json.loads((root / "metrics/geneval_parm_pp.json").read_text())["n"] == 2
 

@@ -247,8 +247,12 @@ def test_perception_agreement_and_the_reflector_share_the_object_tokens():
     model = ObjectJudgeModel(config).eval()
     f = image_features(images, config, ShapesDetector())
     with torch.no_grad():
-        obj, shape_logits, color_logits = model.object_tokens(f["crops"], f["geometry"], f["object_mask"])
+        tokens = model.object_tokens(f["crops"], f["geometry"], f["object_mask"])
+    obj, shape_logits, color_logits, p = tokens
     assert obj.shape == (2, 8, 16) and shape_logits.shape == (2, 8, 9) and color_logits.shape == (2, 8, 10)
+    assert p.shape == (2, 8, 19)
+    torch.testing.assert_close(p[..., :9].sum(-1), torch.ones(2, 8))  # shape and colour distributions
+    torch.testing.assert_close(p[..., 9:].sum(-1), torch.ones(2, 8))
     # agreement with the detector: 1.0 against the model's own arg-max, counted over real objects only
     own = {**f, "shape_targets": torch.nn.functional.one_hot(shape_logits.argmax(-1), 9).float(),
            "color_targets": torch.nn.functional.one_hot(color_logits.argmax(-1), 10).float()}
@@ -257,14 +261,14 @@ def test_perception_agreement_and_the_reflector_share_the_object_tokens():
     assert perception_agreement(model, wrong)["color"] == 0.0
     reflector = reflector_from_judge(ObjectJudge(model, None))
     with torch.no_grad():
-        for a, b in zip(reflector.object_tokens(f["crops"], f["geometry"], f["object_mask"]),
-                        (obj, shape_logits, color_logits)):
+        again = reflector.object_tokens(f["crops"], f["geometry"], f["object_mask"])
+        for a, b in zip(again, tokens, strict=True):
             assert torch.equal(a, b)
 
 
 def test_word_grounding_binds_colour_words_to_the_objects_that_have_them(tmp_path):
     from cotgen.reflect.judge import reflector_from_judge
-    from cotgen.reward.object_judge import GROUNDING, word_classes
+    from cotgen.reward.object_judge import GROUNDING, percept, word_classes
     from cotgen.tokenizer.text import build_text_tokenizer
     from cotgen.world.vocab import COLORS
 
@@ -295,8 +299,10 @@ def test_word_grounding_binds_colour_words_to_the_objects_that_have_them(tmp_pat
     mask[0, :2] = True
     judge = ObjectJudge(model, tok)
 
+    p = percept(shape_logits, color_logits)
+
     def features(prompt):
-        g = model.word_grounding(shape_logits, color_logits, geometry, mask, judge.encode_prompts([prompt]))
+        g = model.word_grounding(p, geometry, mask, judge.encode_prompts([prompt]))
         assert g.shape == (1, 12, GROUNDING)
         return g[0, -2:]  # the last two words: "<colour> <shape>"
 
@@ -314,5 +320,5 @@ def test_word_grounding_binds_colour_words_to_the_objects_that_have_them(tmp_pat
     loaded = ObjectJudge.from_pretrained(tmp_path / "judge").model
     assert loaded.config.word_classes == classes
     words = judge.encode_prompts(["a photo of a red circle and a blue square"])
-    torch.testing.assert_close(loaded.word_grounding(shape_logits, color_logits, geometry, mask, words),
-                               model.word_grounding(shape_logits, color_logits, geometry, mask, words))
+    torch.testing.assert_close(loaded.word_grounding(p, geometry, mask, words),
+                               model.word_grounding(p, geometry, mask, words))

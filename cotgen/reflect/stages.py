@@ -140,8 +140,8 @@ def stage_corrector(params: dict, root: Path = Path(".")) -> dict:
 
 
 def run_table5_row(params: dict, root: Path, name: str, eval_key: str = "eval") -> dict:
-    """One Table-5 row on the evaluation set (``reflect.<eval_key>``, ``reflect.eval`` by
-    default: ``max_prompts`` prompts drawn evenly over the tags, seeded, or all;
+    """One Table-5 row on the evaluation set (``reflect.eval``'s knobs, overridden by
+    ``reflect.<eval_key>``'s: ``max_prompts`` prompts drawn evenly over the tags, seeded, or all;
     ``images_per_prompt`` images each, N = ``n``): the self-correction generator
     (first-round mode) with the row's strategy; writes ``data/samples/<out>``,
     ``data/traces/<out>.jsonl``, ``metrics/geneval_<out>.json`` (GenEval keys plus
@@ -161,7 +161,7 @@ def run_table5_row(params: dict, root: Path, name: str, eval_key: str = "eval") 
     from cotgen.search import SearchConfig
     from cotgen.world.detector import ShapesDetector
 
-    e, se = params["reflect"][eval_key], params["search"]
+    e, se = {**params["reflect"]["eval"], **params["reflect"][eval_key]}, params["search"]
     strategy, searched, reflection = TABLE5[name]
     out = name if eval_key == "eval" else f"{name}_{eval_key.removeprefix('eval_')}"
     n = e["n"] if searched else 1

@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -128,6 +129,17 @@ def _conv(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1), nn.GroupNorm(8, cout), nn.GELU())
 
 
+class ObjectTokens(NamedTuple):
+    """:meth:`ObjectJudgeModel.object_tokens`: ``embeds`` float ``(B, O, hidden)``,
+    ``shape_logits`` ``(B, O, num_shapes)``, ``color_logits`` ``(B, O, num_colors)`` and
+    ``percept`` (:func:`percept` of the two) ``(B, O, num_shapes + num_colors)``."""
+
+    embeds: torch.Tensor
+    shape_logits: torch.Tensor
+    color_logits: torch.Tensor
+    percept: torch.Tensor
+
+
 def percept(shape_logits: torch.Tensor, color_logits: torch.Tensor) -> torch.Tensor:
     """The perception heads' distributions side by side: float ``(B, O, num_shapes +
     num_colors)``, each part summing to 1 over its classes (the order of
@@ -202,22 +214,23 @@ class ObjectJudgeModel(PreTrainedModel):
             hf_init.ones_(module.weight)
             hf_init.zeros_(module.bias)
 
-    def object_tokens(self, crops, geometry, object_mask):
-        """Object token embeddings float ``(B, O, hidden)`` and the perception logits
-        ``(B, O, num_shapes)``, ``(B, O, num_colors)`` of :meth:`forward`'s inputs."""
+    def object_tokens(self, crops, geometry, object_mask) -> ObjectTokens:
+        """The object tokens of :meth:`forward`'s inputs (:class:`ObjectTokens`: their
+        embeddings, the perception logits and the :func:`percept` they carry)."""
         B, O = object_mask.shape
         crop = self.crop_encoder(crops.float().flatten(0, 1)).view(B, O, -1)
         shape_logits, color_logits = self.shape_head(crop), self.color_head(crop)
-        obj = crop + self.geometry(geometry.float()) + self.perception(percept(shape_logits, color_logits))
-        return obj, shape_logits, color_logits
+        p = percept(shape_logits, color_logits)
+        embeds = crop + self.geometry(geometry.float()) + self.perception(p)
+        return ObjectTokens(embeds, shape_logits, color_logits, p)
 
-    def word_grounding(self, shape_logits, color_logits, geometry, object_mask, words) -> torch.Tensor | None:
+    def word_grounding(self, p, geometry, object_mask, words) -> torch.Tensor | None:
         """Grounding features of the prompt words, float ``(B, prompt_len, GROUNDING)``
-        (see the module), from the perception logits of :meth:`object_tokens`; ``None``
-        without ``config.word_classes``."""
+        (see the module), from the objects' :func:`percept` ``p`` float ``(B, O,
+        num_shapes + num_colors)`` (:attr:`ObjectTokens.percept`); ``None`` without
+        ``config.word_classes``."""
         if self.config.word_classes is None:
             return None
-        p = percept(shape_logits, color_logits)  # (B, O, S + C)
         # the word -> class table, built once per device (a plain attribute: a non-persistent
         # buffer comes back uninitialised from from_pretrained)
         table = getattr(self, "_word_class_table", None)
@@ -266,13 +279,14 @@ class ObjectJudgeModel(PreTrainedModel):
 
     def forward(self, crops, geometry, object_mask, words, question, progress, labels=None, shape_targets=None,
                 color_targets=None) -> SequenceClassifierOutput:
-        obj, shape_logits, color_logits = self.object_tokens(crops, geometry, object_mask)
+        tokens = self.object_tokens(crops, geometry, object_mask)
         q = self.questions(question) + self.progress(progress.float()[:, None])
-        grounding = self.word_grounding(shape_logits, color_logits, geometry, object_mask, words)
-        logits = self.head(self.encode(q, obj, object_mask, words, grounding)[:, 0])
+        grounding = self.word_grounding(tokens.percept, geometry, object_mask, words)
+        logits = self.head(self.encode(q, tokens.embeds, object_mask, words, grounding)[:, 0])
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         if loss is not None and shape_targets is not None and color_targets is not None:
-            loss = loss + self.perception_loss(object_mask, shape_logits, color_logits, shape_targets, color_targets)
+            loss = loss + self.perception_loss(object_mask, tokens.shape_logits, tokens.color_logits,
+                                               shape_targets, color_targets)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 

@@ -198,7 +198,8 @@ def perception_agreement(model: ObjectJudgeModel, features: dict) -> dict:
     Raises:
         KeyError: features without the perception targets.
     """
-    _, shape_logits, color_logits = model.object_tokens(features["crops"], features["geometry"], features["object_mask"])
+    tokens = model.object_tokens(features["crops"], features["geometry"], features["object_mask"])
+    shape_logits, color_logits = tokens.shape_logits, tokens.color_logits
     valid = features["object_mask"].bool()
     n = int(valid.sum())
 
