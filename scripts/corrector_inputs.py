@@ -1,0 +1,80 @@
+"""What the self-correction generator reads (issue 8's diagnostic; README, PARM++ section).
+
+For groups of a wrong image, its reflection and a right image of the same prompt, prints
+log p(right image | prompt, condition) per image (summed over its codes, nats; image codes
+only compete, as in sampling: :meth:`cotgen.reflect.corrector.SelfCorrector.image_logprobs`)
+under six conditions: the true reflection and previous image (what ``parm_pp`` passes), an
+empty reflection, a blank canvas, both (a first round), and another group's reflection or
+previous image. Held-out groups come from the held-out prompts' trajectories (a wrong path
+with a correct path of the same prompt; no rendered right images); training groups from
+``data/reflect/reflections.jsonl`` (generator-sampled right images only), for contrast.
+
+    python scripts/corrector_inputs.py [--root .] [--groups 128] [--seed 1]
+
+A measurement of the trained models of a finished ``dvc repro reflect/dvc.yaml``; 3.3 min on
+one thread for 2 x 128 groups. Raises FileNotFoundError if those models are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    from cotgen.reflect.corrector import SelfCorrector
+    from cotgen.reflect.data import read_groups, reflection_groups
+    from cotgen.reflect.stages import PATHS
+    from cotgen.pipeline.stages import PATHS as MAIN
+    from cotgen.reward.data import Trajectories
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", type=Path, default=Path("."))
+    ap.add_argument("--groups", type=int, default=128, help="groups drawn from each split")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+
+    corrector = SelfCorrector.from_pretrained(args.root / PATHS["corrector"])
+    traj = Trajectories.load(args.root / MAIN["trajectories"])
+    splits = {
+        "held out": reflection_groups(traj, seed=0, splits=("heldout",), render_right=False),
+        "training": [g for g in read_groups(args.root / PATHS["groups"]) if g["right_source"] == "generator"],
+    }
+    rng = np.random.default_rng(args.seed)
+    for name, pool in splits.items():
+        groups = [pool[i] for i in rng.choice(len(pool), size=min(args.groups, len(pool)), replace=False)]
+        prompts = [g["prompt"] for g in groups]
+        refl = [g["reflection"] for g in groups]
+        wrong = torch.tensor([g["wrong_tokens"] for g in groups])
+        right = torch.tensor([g["right_tokens"] for g in groups])
+        other = np.roll(np.arange(len(groups)), 1)  # another group (another prompt, almost always)
+        blank, empty = corrector.blank_tokens(len(groups)), [""] * len(groups)
+        conditions = {
+            "true reflection, previous image (parm_pp)": (refl, wrong),
+            "empty reflection, previous image": (empty, wrong),
+            "true reflection, blank canvas": (refl, blank),
+            "empty reflection, blank canvas (a first round)": (empty, blank),
+            "another group's reflection, previous image": ([refl[i] for i in other], wrong),
+            "true reflection, another group's previous image": (refl, wrong[other]),
+        }
+        logp = {}
+        with torch.no_grad():
+            for cond, (r, w) in conditions.items():
+                logp[cond] = torch.cat([
+                    corrector.image_logprobs(prompts[i : i + args.batch_size], r[i : i + args.batch_size],
+                                             w[i : i + args.batch_size], right[i : i + args.batch_size])
+                    for i in range(0, len(groups), args.batch_size)]).numpy()
+        base = logp["true reflection, previous image (parm_pp)"]
+        print(f"## {name}: {len(groups)} groups (of {len(pool)})")
+        for cond, v in logp.items():
+            d = base - v
+            print(f"{cond:50s} log p {v.mean():8.2f}   true condition minus this {d.mean():6.2f} nats/image"
+                  f" (true higher in {np.mean(d > 0):.0%})")
+
+
+if __name__ == "__main__":
+    main()
