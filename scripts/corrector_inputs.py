@@ -5,11 +5,13 @@ log p(right image | prompt, condition) per image (summed over its codes, nats; i
 only compete, as in sampling: :meth:`cotgen.reflect.corrector.SelfCorrector.image_logprobs`)
 under six conditions: the true reflection and previous image (what ``parm_pp`` passes), an
 empty reflection, a blank canvas, both (a first round), and another group's reflection or
-previous image. Held-out groups come from the held-out prompts' trajectories (a wrong path
-with a correct path of the same prompt; no rendered right images); training groups from
-``data/reflect/reflections.jsonl`` (generator-sampled right images only), for contrast.
+previous image. Held-out groups come from the held-out prompts' trajectories, made as the
+training groups were (``--right``, default ``params.yaml``'s ``reflect.data.right``:
+``edit`` = the wrong image repaired, ``sample`` = a correct path of the same prompt, no
+rendered right images); training groups from ``data/reflect/reflections.jsonl`` (edited or
+generator-sampled right images only), for contrast.
 
-    python scripts/corrector_inputs.py [--root .] [--groups 128] [--seed 1]
+    python scripts/corrector_inputs.py [--root .] [--groups 128] [--seed 1] [--right edit|sample]
 
 A measurement of the trained models of a finished ``dvc repro reflect/dvc.yaml``; 3.3 min on
 one thread for 2 x 128 groups. Raises FileNotFoundError if those models are missing.
@@ -36,13 +38,27 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=128, help="groups drawn from each split")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--right", choices=("edit", "sample"), default=None,
+                    help="how held-out groups get their right image (default: params.yaml reflect.data.right)")
     args = ap.parse_args()
 
+    from cotgen.pipeline.params import load_params
+
+    right = args.right or load_params(args.root / "params.yaml")["reflect"]["data"].get("right", "sample")
     corrector = SelfCorrector.from_pretrained(args.root / PATHS["corrector"])
     traj = Trajectories.load(args.root / MAIN["trajectories"])
+    if right == "edit":
+        from cotgen.pipeline.stages import _load_generator_parts
+        from cotgen.world.detector import ShapesDetector
+
+        tokenizer = _load_generator_parts(args.root)[1]
+        held = reflection_groups(traj, tokenizer, ShapesDetector.from_pretrained(args.root / MAIN["detector"]),
+                                 seed=0, splits=("heldout",), right="edit")
+    else:
+        held = reflection_groups(traj, seed=0, splits=("heldout",), render_right=False)
     splits = {
-        "held out": reflection_groups(traj, seed=0, splits=("heldout",), render_right=False),
-        "training": [g for g in read_groups(args.root / PATHS["groups"]) if g["right_source"] == "generator"],
+        "held out": held,
+        "training": [g for g in read_groups(args.root / PATHS["groups"]) if g["right_source"] in ("edit", "generator")],
     }
     rng = np.random.default_rng(args.seed)
     for name, pool in splits.items():

@@ -46,7 +46,7 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
     ``data/reflect/reflections.jsonl`` and ``metrics/reflect_data.json``."""
     from cotgen.pipeline.stages import PATHS as MAIN, _load_generator_parts, _validate
     from cotgen.reflect.data import reflection_groups, write_groups
-    from cotgen.reflect.text import reflection_examples
+    from cotgen.reflect.text import primary_failure, reflection_examples
     from cotgen.reward.data import Trajectories
     from cotgen.world.detector import ShapesDetector
     from cotgen.world.render import STYLES
@@ -58,7 +58,10 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
     detector = ShapesDetector.from_pretrained(root / MAIN["detector"])
     examples = reflection_examples(traj.paths, r["negative_fraction"], r["seed"])
     groups = reflection_groups(traj, image_tokenizer, detector, seed=r["seed"], render_right=r["render_right"],
-                               style=STYLES[params["generator"]["scene_style"]])
+                               style=STYLES[params["generator"]["scene_style"]], right=r.get("right", "sample"),
+                               max_edits=r.get("max_edits", 3))
+    wrong = sum(1 for p in traj.paths if p["split"] == "train" and not p["correct"]
+                and primary_failure(p["reason"], p["metadata"]))
     final = root / PATHS["groups"]
     tmp = final.with_name(final.name + ".tmp")
     write_groups(tmp, groups)
@@ -74,7 +77,12 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
         "groups": len(groups),
         "groups_by_kind": dict(Counter(g["kind"] for g in groups)),
         "groups_right_source": dict(Counter(g["right_source"] for g in groups)),
+        "right": r.get("right", "sample"),
+        "wrong_train_paths": wrong,
     }
+    if metrics["right"] == "edit":
+        metrics["edits_histogram"] = {str(k): v for k, v in sorted(Counter(g["edits"] for g in groups).items())}
+        metrics["edit_yield"] = len(groups) / wrong if wrong else None
     _write_json(root / "metrics/reflect_data.json", metrics)
     return metrics
 
