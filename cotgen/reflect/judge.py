@@ -73,10 +73,8 @@ class ObjectReflectorModel(ObjectJudgeModel):
 
     def _encode(self, crops, geometry, object_mask, words):
         """Encoder state of the reflection query over [objects][words], and the perception logits."""
-        tokens = self.object_tokens(crops, geometry, object_mask)
         q = self.reflection_query + self.progress(torch.ones(len(words), 1, device=words.device))  # a final image
-        grounding = self.word_grounding(tokens.percept, geometry, object_mask, words)
-        h = self.encode(q, tokens.embeds, object_mask, words, grounding)[:, 0]
+        h, tokens = self.query_state(q, crops, geometry, object_mask, words)
         return h, tokens.shape_logits, tokens.color_logits
 
     def reflect_logits(self, crops, geometry, object_mask, words) -> dict[str, torch.Tensor]:

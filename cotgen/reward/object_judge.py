@@ -267,6 +267,15 @@ class ObjectJudgeModel(PreTrainedModel):
         types[:, 1 : 1 + O] = 1
         return self.encoder(inputs_embeds=embeds, attention_mask=mask.long(), token_type_ids=types).last_hidden_state
 
+    def query_state(self, query, crops, geometry, object_mask, words) -> tuple[torch.Tensor, ObjectTokens]:
+        """The encoder state of a query token over [objects][words], float ``(B, hidden)``,
+        and the object tokens it read (:meth:`object_tokens`; the words grounded in their
+        percepts, :meth:`word_grounding`). ``query`` float ``(B, hidden)``: a question token
+        (:meth:`forward`) or another learned query (the reflection head's)."""
+        tokens = self.object_tokens(crops, geometry, object_mask)
+        grounding = self.word_grounding(tokens.percept, geometry, object_mask, words)
+        return self.encode(query, tokens.embeds, object_mask, words, grounding)[:, 0], tokens
+
     def perception_loss(self, object_mask, shape_logits, color_logits, shape_targets, color_targets) -> torch.Tensor:
         """``perception_weight`` x the soft cross-entropy of both perception heads over
         the real objects (0 without any)."""
@@ -279,10 +288,9 @@ class ObjectJudgeModel(PreTrainedModel):
 
     def forward(self, crops, geometry, object_mask, words, question, progress, labels=None, shape_targets=None,
                 color_targets=None) -> SequenceClassifierOutput:
-        tokens = self.object_tokens(crops, geometry, object_mask)
         q = self.questions(question) + self.progress(progress.float()[:, None])
-        grounding = self.word_grounding(tokens.percept, geometry, object_mask, words)
-        logits = self.head(self.encode(q, tokens.embeds, object_mask, words, grounding)[:, 0])
+        state, tokens = self.query_state(q, crops, geometry, object_mask, words)
+        logits = self.head(state)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         if loss is not None and shape_targets is not None and color_targets is not None:
             loss = loss + self.perception_loss(object_mask, tokens.shape_logits, tokens.color_logits,
