@@ -72,6 +72,34 @@ class ShapesGenerator:
         if any(i is None or i == text_tokenizer.unk_token_id for i in ids.values()):
             raise ValueError(f"text tokenizer lacks a special token: {ids}")
         self.pad_id, self.boi_id = ids["<pad>"], ids["<boi>"]
+        #: ``(split, shift)``: sequence indices from ``split`` on take RoPE position ``index - shift``
+        #: (None: positions are the indices). PARM++'s self-correction generator sets it so that
+        #: its new image shares the previous image's positions (:mod:`cotgen.reflect.corrector`).
+        self.position_shift: tuple[int, int] | None = None
+
+    def position_ids(self, start: int, length: int) -> torch.Tensor | None:
+        """RoPE positions of the sequence indices ``[start, start + length)``, long
+        ``(length,)``, or None where they are the indices themselves (no
+        :attr:`position_shift`): pass them to the model as ``position_ids``."""
+        if self.position_shift is None:
+            return None
+        split, shift = self.position_shift
+        index = torch.arange(start, start + length)
+        return torch.where(index >= split, index - shift, index)
+
+    def position_kwargs(self, start: int, length: int, rows: int, cached: bool = False) -> dict:
+        """Keyword arguments of a model call over the sequence indices ``[start, start +
+        length)`` for ``rows`` rows: ``{}`` without :attr:`position_shift`, else
+        ``position_ids`` long ``(rows, length)`` and, for a call without a KV cache, an
+        all-ones ``attention_mask`` (without one, transformers reads the drop in the
+        positions as packed sequences and masks attention across it)."""
+        pos = self.position_ids(start, length)
+        if pos is None:
+            return {}
+        out = {"position_ids": pos[None].expand(rows, -1)}
+        if not cached:
+            out["attention_mask"] = torch.ones(rows, length, dtype=torch.long)
+        return out
 
     # ------------------------------------------------------------------ config
     @staticmethod

@@ -222,8 +222,10 @@ class StepwiseSampler:
         self._cache = preallocated_cache(
             generator.model.config, max_cache_len=prefix.shape[1] + generator.num_image_tokens - start.shape[1]
         )
+        self._index = prefix.shape[1]  # sequence index of the next input token
         with torch.no_grad():
-            out = generator.model(input_ids=prefix, cache=self._cache, use_cache=True)
+            out = generator.model(input_ids=prefix, cache=self._cache, use_cache=True,
+                                  **generator.position_kwargs(0, prefix.shape[1], len(prefix), cached=True))
         expand = torch.arange(len(prompts)).repeat_interleave(n)
         if self.cfg:
             expand = torch.cat([expand, expand + len(prompts)])
@@ -305,7 +307,9 @@ class StepwiseSampler:
             ids = codes + self.g.text_vocab
             if self.cfg:
                 ids = torch.cat([ids, ids])
-            out = self.g.model(input_ids=ids[:, None], cache=self._cache, use_cache=True)
+            out = self.g.model(input_ids=ids[:, None], cache=self._cache, use_cache=True,
+                               **self.g.position_kwargs(self._index, 1, len(ids), cached=True))
+            self._index += 1
             self._next_logits = out.logits[:, -1, self.g.text_vocab :].float()
             for pid in self._rows:
                 self.paths[pid].forward_passes += 2 if self.cfg else 1

@@ -66,11 +66,21 @@ class SelfCorrector:
     Args:
         generator: its text tokenizer must know every reflection word.
         reflection_len: words in the reflection block.
+        aligned_positions: the new image takes the previous image's RoPE positions (sets
+            the generator's :attr:`~cotgen.generator.model.ShapesGenerator.position_shift`;
+            the sampler and :meth:`image_logprobs` pass them). Without it, copying a kept cell
+            means attending 257 positions back, which 1,000 LoRA steps did not learn (stop 24).
     """
 
-    def __init__(self, generator: ShapesGenerator, reflection_len: int = REFLECTION_LEN) -> None:
+    def __init__(self, generator: ShapesGenerator, reflection_len: int = REFLECTION_LEN,
+                 aligned_positions: bool = False) -> None:
         self.generator = generator
         self.reflection_len = reflection_len
+        self.aligned_positions = aligned_positions
+        # [<boi>][new image] take the positions of [<boi>][previous image]: the code to copy from the
+        # previous image then sits one position ahead of the input that predicts it, at every cell
+        boi2 = generator.prompt_len + self.condition_length
+        generator.position_shift = (boi2, 1 + generator.num_image_tokens) if aligned_positions else None
         vocab = generator.text_tokenizer.get_vocab()
         lacking = [w for w in reflection_words() if w not in vocab]
         if lacking:
@@ -139,13 +149,14 @@ class SelfCorrector:
         g = self.generator
         seq = self.sequences(prompts, reflections, previous, new)
         start = g.prompt_len + self.condition_length + 1
-        logits = g.model(input_ids=seq).logits[:, start - 1 : -1, g.text_vocab :]
+        logits = g.model(input_ids=seq, **g.position_kwargs(0, seq.shape[1], len(seq))).logits[:, start - 1 : -1, g.text_vocab :]
         target = seq[:, start:] - g.text_vocab
         return torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.generator.save_pretrained(path)
-        (Path(path) / CORRECTOR_FILE).write_text(json.dumps({"reflection_len": self.reflection_len}, indent=2) + "\n")
+        (Path(path) / CORRECTOR_FILE).write_text(json.dumps(
+            {"reflection_len": self.reflection_len, "aligned_positions": self.aligned_positions}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SelfCorrector:
@@ -155,11 +166,13 @@ class SelfCorrector:
             raise FileNotFoundError(f"no self-correction generator at {path} ({CORRECTOR_FILE} missing); "
                                     "run `dvc repro reflect/dvc.yaml:corrector`")
         cfg = json.loads((path / CORRECTOR_FILE).read_text())
-        return cls(ShapesGenerator.from_pretrained(path), cfg["reflection_len"])
+        return cls(ShapesGenerator.from_pretrained(path), cfg["reflection_len"], cfg.get("aligned_positions", False))
 
 
-def corrector_from_generator(base: ShapesGenerator, reflection_len: int = REFLECTION_LEN) -> SelfCorrector:
-    """The base generator widened to the self-correction layout (see the module)."""
+def corrector_from_generator(base: ShapesGenerator, reflection_len: int = REFLECTION_LEN,
+                             aligned_positions: bool = False) -> SelfCorrector:
+    """The base generator widened to the self-correction layout (see the module;
+    ``aligned_positions`` as :class:`SelfCorrector`)."""
     from transformers import LlamaForCausalLM
 
     text = corrector_text_tokenizer()
@@ -187,7 +200,8 @@ def corrector_from_generator(base: ShapesGenerator, reflection_len: int = REFLEC
             new_state[name] = src.clone()
     model.load_state_dict(new_state)
     model.eval()
-    return SelfCorrector(ShapesGenerator(model, text, base.image_tokenizer, base.prompt_len), reflection_len)
+    return SelfCorrector(ShapesGenerator(model, text, base.image_tokenizer, base.prompt_len), reflection_len,
+                         aligned_positions)
 
 
 def train_corrector(
@@ -260,7 +274,7 @@ def train_corrector(
         null = torch.as_tensor(u[:, 2] < cond_dropout)
         p[null], r[null] = g.pad_id, g.pad_id
         seq = torch.cat([p, r, boi.expand(len(idx), 1), w + T, boi.expand(len(idx), 1), right[idx] + T], 1)
-        logits = peft_model(input_ids=seq[:, :-1]).logits[:, L - 1 :, T:]
+        logits = peft_model(input_ids=seq[:, :-1], **g.position_kwargs(0, seq.shape[1] - 1, len(seq))).logits[:, L - 1 :, T:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                  right[idx].reshape(-1))
         opt.zero_grad()
@@ -278,11 +292,11 @@ def train_corrector(
             torch.tensor([r["wrong_tokens"] for r in probe]), torch.tensor([r["right_tokens"] for r in probe]))
     with torch.no_grad():
         adapted_lp = SelfCorrector(ShapesGenerator(peft_model, g.text_tokenizer, g.image_tokenizer, g.prompt_len),
-                                   corrector.reflection_len).image_logprobs(*args)
+                                   corrector.reflection_len, corrector.aligned_positions).image_logprobs(*args)
     peft_model.save_pretrained(out_dir / "adapter")
     merged = peft_model.merge_and_unload().eval()
     SelfCorrector(ShapesGenerator(merged, g.text_tokenizer, g.image_tokenizer, g.prompt_len),
-                  corrector.reflection_len).save_pretrained(out_dir)
+                  corrector.reflection_len, corrector.aligned_positions).save_pretrained(out_dir)
     trained = SelfCorrector.from_pretrained(out_dir)
     with torch.no_grad():
         merged_lp = trained.image_logprobs(*args)
