@@ -5,7 +5,10 @@ log p(right image | prompt, condition) per image (summed over its codes, nats; i
 only compete, as in sampling: :meth:`cotgen.reflect.corrector.SelfCorrector.image_logprobs`)
 under six conditions: the true reflection and previous image (what ``parm_pp`` passes), an
 empty reflection, a blank canvas, both (a first round), and another group's reflection or
-previous image. Held-out groups come from the held-out prompts' trajectories, made as the
+previous image. Then, per code, the mean log p where the right image keeps the wrong one's
+code (of an object, or of the blank canvas) and where it does not: a corrector that copies
+what the edit kept scores kept object codes near 0 given the previous image, and no better
+than a first round without it. Held-out groups come from the held-out prompts' trajectories, made as the
 training groups were (``--right``, default ``params.yaml``'s ``reflect.data.right``:
 ``edit`` = the wrong image repaired, ``sample`` = a correct path of the same prompt, no
 rendered right images); training groups from ``data/reflect/reflections.jsonl`` (edited or
@@ -77,19 +80,26 @@ def main() -> None:
             "another group's reflection, previous image": ([refl[i] for i in other], wrong),
             "true reflection, another group's previous image": (refl, wrong[other]),
         }
-        logp = {}
+        codes = {}
         with torch.no_grad():
             for cond, (r, w) in conditions.items():
-                logp[cond] = torch.cat([
-                    corrector.image_logprobs(prompts[i : i + args.batch_size], r[i : i + args.batch_size],
-                                             w[i : i + args.batch_size], right[i : i + args.batch_size])
-                    for i in range(0, len(groups), args.batch_size)]).numpy()
+                codes[cond] = torch.cat([
+                    corrector.code_logprobs(prompts[i : i + args.batch_size], r[i : i + args.batch_size],
+                                            w[i : i + args.batch_size], right[i : i + args.batch_size])
+                    for i in range(0, len(groups), args.batch_size)])
+        logp = {cond: v.sum(-1).numpy() for cond, v in codes.items()}
         base = logp["true reflection, previous image (parm_pp)"]
         print(f"## {name}: {len(groups)} groups (of {len(pool)})")
         for cond, v in logp.items():
             d = base - v
             print(f"{cond:50s} log p {v.mean():8.2f}   true condition minus this {d.mean():6.2f} nats/image"
                   f" (true higher in {np.mean(d > 0):.0%})")
+        # per code: where the right image keeps the wrong one's code (an object's, or the blank canvas's) or not
+        kept = right == wrong
+        parts = {"kept, object": kept & (right != blank), "kept, background": kept & (right == blank), "changed": ~kept}
+        print("  mean log p per code: " + ", ".join(f"{k} ({float(m.float().mean()):.0%} of codes)" for k, m in parts.items()))
+        for cond in list(conditions)[:4]:
+            print(f"  {cond:48s} " + "  ".join(f"{float(codes[cond][m].mean()):7.3f}" for m in parts.values()))
 
 
 if __name__ == "__main__":

@@ -143,15 +143,21 @@ class SelfCorrector:
         head = torch.cat([g.encode_prompts(prompts), cond], 1)
         return g.sequences(head, torch.as_tensor(new, dtype=torch.long).reshape(len(prompts), -1))
 
-    def image_logprobs(self, prompts, reflections, previous, new) -> torch.Tensor:
-        """log p(new image | prompt, reflection, previous image), summed: ``(B,)`` float32
-        (image codes only compete, as in sampling)."""
+    def code_logprobs(self, prompts, reflections, previous, new) -> torch.Tensor:
+        """log p of each code of the new image given the prompt, reflection, previous image
+        and the codes before it: ``(B, g*g)`` float32 (image codes only compete, as in
+        sampling)."""
         g = self.generator
         seq = self.sequences(prompts, reflections, previous, new)
         start = g.prompt_len + self.condition_length + 1
         logits = g.model(input_ids=seq, **g.position_kwargs(0, seq.shape[1], len(seq))).logits[:, start - 1 : -1, g.text_vocab :]
         target = seq[:, start:] - g.text_vocab
-        return torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+        return torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+
+    def image_logprobs(self, prompts, reflections, previous, new) -> torch.Tensor:
+        """log p(new image | prompt, reflection, previous image), summed over its codes:
+        ``(B,)`` float32 (:meth:`code_logprobs`)."""
+        return self.code_logprobs(prompts, reflections, previous, new).sum(-1)
 
     def save_pretrained(self, path: str | Path) -> None:
         self.generator.save_pretrained(path)
