@@ -41,8 +41,12 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=128, help="groups drawn from each split")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--right", choices=("edit", "sample"), default=None,
-                    help="how held-out groups get their right image (default: params.yaml reflect.data.right)")
+    ap.add_argument(
+        "--right",
+        choices=("edit", "sample"),
+        default=None,
+        help="how held-out groups get their right image (default: params.yaml reflect.data.right)",
+    )
     args = ap.parse_args()
 
     from cotgen.pipeline.params import load_params
@@ -55,13 +59,15 @@ def main() -> None:
         from cotgen.world.detector import ShapesDetector
 
         tokenizer = _load_generator_parts(args.root)[1]
-        held = reflection_groups(traj, tokenizer, ShapesDetector.from_pretrained(args.root / MAIN["detector"]),
-                                 seed=0, splits=("heldout",), right="edit")
+        detector = ShapesDetector.from_pretrained(args.root / MAIN["detector"])
+        held = reflection_groups(traj, tokenizer, detector, seed=0, splits=("heldout",), right="edit")
     else:
         held = reflection_groups(traj, seed=0, splits=("heldout",), render_right=False)
     splits = {
         "held out": held,
-        "training": [g for g in read_groups(args.root / PATHS["groups"]) if g["right_source"] in ("edit", "generator")],
+        "training": [
+            g for g in read_groups(args.root / PATHS["groups"]) if g["right_source"] in ("edit", "generator")
+        ],
     }
     rng = np.random.default_rng(args.seed)
     for name, pool in splits.items():
@@ -92,14 +98,26 @@ def main() -> None:
         print(f"## {name}: {len(groups)} groups (of {len(pool)})")
         for cond, v in logp.items():
             d = base - v
-            print(f"{cond:50s} log p {v.mean():8.2f}   true condition minus this {d.mean():6.2f} nats/image"
-                  f" (true higher in {np.mean(d > 0):.0%})")
-        # per code: where the right image keeps the wrong one's code (an object's, or the blank canvas's) or not
+            print(
+                f"{cond:50s} log p {v.mean():8.2f}   true condition minus this {d.mean():6.2f} nats/image"
+                f" (true higher in {np.mean(d > 0):.0%})"
+            )
+        # per code: where the right image keeps the wrong one's code (an object's or the blank
+        # canvas's), and where it does not
         kept = right == wrong
-        parts = {"kept, object": kept & (right != blank), "kept, background": kept & (right == blank), "changed": ~kept}
-        print("  mean log p per code: " + ", ".join(f"{k} ({float(m.float().mean()):.0%} of codes)" for k, m in parts.items()))
+        parts = {
+            "kept, object": kept & (right != blank),
+            "kept, background": kept & (right == blank),
+            "changed": ~kept,
+        }
+        print(
+            "  mean log p per code: "
+            + ", ".join(f"{k} ({float(m.float().mean()):.0%} of codes)" for k, m in parts.items())
+        )
         for cond in list(conditions)[:4]:
-            print(f"  {cond:48s} " + "  ".join(f"{float(codes[cond][m].mean()):7.3f}" for m in parts.values()))
+            print(
+                f"  {cond:48s} " + "  ".join(f"{float(codes[cond][m].mean()):7.3f}" for m in parts.values())
+            )
 
 
 if __name__ == "__main__":

@@ -213,20 +213,32 @@ def test_aligned_positions_sampler_matches_full_forward(gen, tmp_path):
     seq = c.sequences(prompts, refl, codes, new)
     pos = g2.position_ids(0, seq.shape[1])
     assert torch.equal(pos[: start - 1], torch.arange(start - 1))
-    assert torch.equal(pos[start:], pos[start - 1 - n : start - 1])  # new cell k at previous cell k's position
+    assert torch.equal(
+        pos[start:], pos[start - 1 - n : start - 1]
+    )  # new cell k at previous cell k's position
     with torch.no_grad():  # without a cache, as in training
-        full = g2.model(input_ids=seq[:, :-1], use_cache=False, **g2.position_kwargs(0, seq.shape[1] - 1, 2)).logits
+        full = g2.model(
+            input_ids=seq[:, :-1], use_cache=False, **g2.position_kwargs(0, seq.shape[1] - 1, 2)
+        ).logits
         plain = g2.model(input_ids=seq[:, :-1], use_cache=False).logits[:, -1, g2.text_vocab :]
         blank = c.sequences(prompts, refl, c.blank_tokens(2), new)  # another previous image
-        other = g2.model(input_ids=blank[:, :-1], use_cache=False, **g2.position_kwargs(0, seq.shape[1] - 1, 2)).logits
-    torch.testing.assert_close(sampler._next_logits, full[:, -1, g2.text_vocab :].float(), rtol=1e-4, atol=1e-4)
+        other = g2.model(
+            input_ids=blank[:, :-1], use_cache=False, **g2.position_kwargs(0, seq.shape[1] - 1, 2)
+        ).logits
+    torch.testing.assert_close(
+        sampler._next_logits, full[:, -1, g2.text_vocab :].float(), rtol=1e-4, atol=1e-4
+    )
     assert not torch.allclose(full[:, -1, g2.text_vocab :], plain, atol=1e-3)  # the positions are in effect
-    assert not torch.allclose(full[:, start:], other[:, start:], atol=1e-3)  # the new image still reads the previous one
+    assert not torch.allclose(
+        full[:, start:], other[:, start:], atol=1e-3
+    )  # the new image still reads the previous one
     c.save_pretrained(tmp_path / "aligned")
     again = SelfCorrector.from_pretrained(tmp_path / "aligned")
     assert again.aligned_positions and again.generator.position_shift == g2.position_shift
     with torch.no_grad():
-        torch.testing.assert_close(again.image_logprobs(prompts, refl, codes, new), c.image_logprobs(prompts, refl, codes, new))
+        torch.testing.assert_close(
+            again.image_logprobs(prompts, refl, codes, new), c.image_logprobs(prompts, refl, codes, new)
+        )
     assert corrector_from_generator(gen, reflection_len=16).generator.position_shift is None
 
 

@@ -150,7 +150,9 @@ class SelfCorrector:
         g = self.generator
         seq = self.sequences(prompts, reflections, previous, new)
         start = g.prompt_len + self.condition_length + 1
-        logits = g.model(input_ids=seq, **g.position_kwargs(0, seq.shape[1], len(seq))).logits[:, start - 1 : -1, g.text_vocab :]
+        logits = g.model(input_ids=seq, **g.position_kwargs(0, seq.shape[1], len(seq))).logits[
+            :, start - 1 : -1, g.text_vocab :
+        ]
         target = seq[:, start:] - g.text_vocab
         return torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
@@ -161,18 +163,26 @@ class SelfCorrector:
 
     def save_pretrained(self, path: str | Path) -> None:
         self.generator.save_pretrained(path)
-        (Path(path) / CORRECTOR_FILE).write_text(json.dumps(
-            {"reflection_len": self.reflection_len, "aligned_positions": self.aligned_positions}, indent=2) + "\n")
+        (Path(path) / CORRECTOR_FILE).write_text(
+            json.dumps(
+                {"reflection_len": self.reflection_len, "aligned_positions": self.aligned_positions}, indent=2
+            )
+            + "\n"
+        )
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SelfCorrector:
         """Raises FileNotFoundError naming what is missing."""
         path = Path(path)
         if not (path / CORRECTOR_FILE).is_file():
-            raise FileNotFoundError(f"no self-correction generator at {path} ({CORRECTOR_FILE} missing); "
-                                    "run `dvc repro reflect/dvc.yaml:corrector`")
+            raise FileNotFoundError(
+                f"no self-correction generator at {path} ({CORRECTOR_FILE} missing); "
+                "run `dvc repro reflect/dvc.yaml:corrector`"
+            )
         cfg = json.loads((path / CORRECTOR_FILE).read_text())
-        return cls(ShapesGenerator.from_pretrained(path), cfg["reflection_len"], cfg.get("aligned_positions", False))
+        return cls(
+            ShapesGenerator.from_pretrained(path), cfg["reflection_len"], cfg.get("aligned_positions", False)
+        )
 
 
 def corrector_from_generator(base: ShapesGenerator, reflection_len: int = REFLECTION_LEN,
@@ -280,7 +290,9 @@ def train_corrector(
         null = torch.as_tensor(u[:, 2] < cond_dropout)
         p[null], r[null] = g.pad_id, g.pad_id
         seq = torch.cat([p, r, boi.expand(len(idx), 1), w + T, boi.expand(len(idx), 1), right[idx] + T], 1)
-        logits = peft_model(input_ids=seq[:, :-1], **g.position_kwargs(0, seq.shape[1] - 1, len(seq))).logits[:, L - 1 :, T:]
+        logits = peft_model(input_ids=seq[:, :-1], **g.position_kwargs(0, seq.shape[1] - 1, len(seq))).logits[
+            :, L - 1 :, T:
+        ]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                  right[idx].reshape(-1))
         opt.zero_grad()
@@ -294,11 +306,18 @@ def train_corrector(
     peft_model.eval()
     out_dir = Path(out_dir)
     probe = groups[: min(4, len(groups))]
-    args = ([r["prompt"] for r in probe], [r["reflection"] for r in probe],
-            torch.tensor([r["wrong_tokens"] for r in probe]), torch.tensor([r["right_tokens"] for r in probe]))
+    args = (
+        [r["prompt"] for r in probe],
+        [r["reflection"] for r in probe],
+        torch.tensor([r["wrong_tokens"] for r in probe]),
+        torch.tensor([r["right_tokens"] for r in probe]),
+    )
     with torch.no_grad():
-        adapted_lp = SelfCorrector(ShapesGenerator(peft_model, g.text_tokenizer, g.image_tokenizer, g.prompt_len),
-                                   corrector.reflection_len, corrector.aligned_positions).image_logprobs(*args)
+        adapted_lp = SelfCorrector(
+            ShapesGenerator(peft_model, g.text_tokenizer, g.image_tokenizer, g.prompt_len),
+            corrector.reflection_len,
+            corrector.aligned_positions,
+        ).image_logprobs(*args)
     peft_model.save_pretrained(out_dir / "adapter")
     merged = peft_model.merge_and_unload().eval()
     SelfCorrector(ShapesGenerator(merged, g.text_tokenizer, g.image_tokenizer, g.prompt_len),

@@ -27,8 +27,17 @@ from cotgen.jsonl import read_jsonl, write_jsonl
 from cotgen.reflect.text import primary_failure, render_failure
 
 
-def reflection_groups(traj, image_tokenizer=None, detector=None, seed: int = 0, splits: Sequence[str] = ("train",),
-                      render_right: bool = True, style=None, right: str = "sample", max_edits: int = 3) -> list[dict]:
+def reflection_groups(
+    traj,
+    image_tokenizer=None,
+    detector=None,
+    seed: int = 0,
+    splits: Sequence[str] = ("train",),
+    render_right: bool = True,
+    style=None,
+    right: str = "sample",
+    max_edits: int = 3,
+) -> list[dict]:
     """One group per wrong path (of ``splits``) whose reason parses.
 
     With ``right="sample"`` the right image is a correct path of the same prompt (drawn
@@ -91,10 +100,20 @@ def _edited_groups(traj, image_tokenizer, detector, seed, splits, style, max_edi
             and (f := primary_failure(p["reason"], p["metadata"]))]
     right = edited_right_tokens(traj.tokens[[i for i, _, _ in rows]], [p["metadata"] for _, p, _ in rows],
                                 image_tokenizer, detector, rng, style, max_edits)
-    return [{"prompt": p["prompt"], "wrong_tokens": traj.tokens[i].tolist(),
-             "reflection": render_failure(f, p["metadata"], rng), "right_tokens": tokens, "metadata": p["metadata"],
-             "kind": f.kind, "right_source": "edit", "edits": edits}
-            for (i, p, f), (tokens, edits) in zip(rows, right) if tokens is not None]
+    return [
+        {
+            "prompt": p["prompt"],
+            "wrong_tokens": traj.tokens[i].tolist(),
+            "reflection": render_failure(f, p["metadata"], rng),
+            "right_tokens": tokens,
+            "metadata": p["metadata"],
+            "kind": f.kind,
+            "right_source": "edit",
+            "edits": edits,
+        }
+        for (i, p, f), (tokens, edits) in zip(rows, right)
+        if tokens is not None
+    ]
 
 
 def edited_right_tokens(wrong_tokens: torch.Tensor, metadata: Sequence[dict], image_tokenizer, detector,
@@ -124,11 +143,16 @@ def edited_right_tokens(wrong_tokens: torch.Tensor, metadata: Sequence[dict], im
         grid = wrong_tokens[start:start + batch_size].view(-1, g, g)
         metas = metadata[start:start + batch_size]
         wrong = [np.asarray(im) for im in image_tokenizer.decode_images(grid)]
-        edited = [repair_until_correct(im, detector, m, rng, style or CANONICAL, max_edits) for im, m in zip(wrong, metas)]
+        edited = [
+            repair_until_correct(im, detector, m, rng, style or CANONICAL, max_edits)
+            for im, m in zip(wrong, metas)
+        ]
         done = [k for k, (im, _) in enumerate(edited) if im is not None]
         codes = image_tokenizer.encode_images([Image.fromarray(edited[k][0]) for k in done]) if done else []
         spliced = {k: splice_tokens(grid[k], c, wrong[k], edited[k][0]) for k, c in zip(done, codes)}
-        decoded = dict(zip(spliced, image_tokenizer.decode_images(torch.stack(list(spliced.values()))))) if spliced else {}
+        decoded = {}
+        if spliced:
+            decoded = dict(zip(spliced, image_tokenizer.decode_images(torch.stack(list(spliced.values())))))
         for k, (_, edits) in enumerate(edited):
             ok = k in decoded and judge_image(detector, decoded[k], metas[k])[0]
             out.append((spliced[k].flatten().tolist() if ok else None, edits))

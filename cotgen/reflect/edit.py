@@ -84,8 +84,14 @@ def _snap_side(box: Sequence[float], style: RenderStyle) -> float:
     return float(min(style.sizes, key=lambda s: abs(s - side))) if style.sizes else float(side)
 
 
-def _free_box(canvas: _Canvas, side: float, shape: str, rng: np.random.Generator, style: RenderStyle,
-              constraints: Sequence[tuple[Sequence[float], str, bool]]):
+def _free_box(
+    canvas: _Canvas,
+    side: float,
+    shape: str,
+    rng: np.random.Generator,
+    style: RenderStyle,
+    constraints: Sequence[tuple[Sequence[float], str, bool]],
+):
     """A random box for a new ``shape`` of ``side`` px on free background (at least
     :data:`EDIT_GAP` px from every occupied pixel, ``BORDER`` px inside the image, on the
     style's grid) that satisfies every constraint ``(other_box, rel, new_is_a)``: the new
@@ -103,8 +109,12 @@ def _free_box(canvas: _Canvas, side: float, shape: str, rng: np.random.Generator
             box = (x, y, x + w, y + h)
             if near[y:y + h, x:x + w].any():
                 continue
-            if all(_relation_ok(box, other, rel, True, POSITION_MARGIN) if new_is_a
-                   else _relation_ok(other, box, rel, True, POSITION_MARGIN) for other, rel, new_is_a in constraints):
+            if all(
+                _relation_ok(box, other, rel, True, POSITION_MARGIN)
+                if new_is_a
+                else _relation_ok(other, box, rel, True, POSITION_MARGIN)
+                for other, rel, new_is_a in constraints
+            ):
                 options.append(box)
     if not options:
         return None
@@ -124,7 +134,8 @@ def _relation_constraints(metadata: Mapping, include: int, found: Mapping[str, S
         out += [(d, cls, rel, True) for d in found.get(cls, [])[: reqs[target]["count"]]]
     for req in reqs:
         if "position" in req and req["position"][1] == include:
-            out += [(d, req["class"], req["position"][0], False) for d in found.get(req["class"], [])[: req["count"]]]
+            partners = found.get(req["class"], [])[: req["count"]]
+            out += [(d, req["class"], req["position"][0], False) for d in partners]
     return out
 
 
@@ -159,8 +170,14 @@ def _total_objects(found: Mapping[str, Sequence[Detection]]) -> int:
     return len({tuple(d.box) for dets in found.values() for d in dets})
 
 
-def repair_image(image: np.ndarray, found: Mapping[str, Sequence[Detection]], metadata: Mapping,
-                 failure: Failure, rng: np.random.Generator, style: RenderStyle = CANONICAL) -> np.ndarray | None:
+def repair_image(
+    image: np.ndarray,
+    found: Mapping[str, Sequence[Detection]],
+    metadata: Mapping,
+    failure: Failure,
+    rng: np.random.Generator,
+    style: RenderStyle = CANONICAL,
+) -> np.ndarray | None:
     """The wrong image with ``failure`` repaired (module docstring), everything else kept.
 
     Args:
@@ -190,8 +207,8 @@ def repair_image(image: np.ndarray, found: Mapping[str, Sequence[Detection]], me
         for _ in range(n):
             side = _side(lo, hi, style, rng)
             color = req.get("color") or COLORS[int(rng.integers(len(COLORS)))]
-            if not _place_related(canvas, cls, color, side, _relation_constraints(metadata, failure.include, found),
-                                  rng, style):
+            constraints = _relation_constraints(metadata, failure.include, found)
+            if not _place_related(canvas, cls, color, side, constraints, rng, style):
                 return False
         return True
 

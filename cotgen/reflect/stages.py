@@ -57,9 +57,16 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
     _, image_tokenizer = _load_generator_parts(root)
     detector = ShapesDetector.from_pretrained(root / MAIN["detector"])
     examples = reflection_examples(traj.paths, r["negative_fraction"], r["seed"])
-    groups = reflection_groups(traj, image_tokenizer, detector, seed=r["seed"], render_right=r["render_right"],
-                               style=STYLES[params["generator"]["scene_style"]], right=r.get("right", "sample"),
-                               max_edits=r.get("max_edits", 3))
+    groups = reflection_groups(
+        traj,
+        image_tokenizer,
+        detector,
+        seed=r["seed"],
+        render_right=r["render_right"],
+        style=STYLES[params["generator"]["scene_style"]],
+        right=r.get("right", "sample"),
+        max_edits=r.get("max_edits", 3),
+    )
     wrong = sum(1 for p in traj.paths if p["split"] == "train" and not p["correct"]
                 and primary_failure(p["reason"], p["metadata"]))
     final = root / PATHS["groups"]
@@ -71,7 +78,9 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
     write_jsonl(root / PATHS["examples"], examples)
     metrics = {
         "examples": len(examples),
-        "examples_by_split_kind": {f"{s}/{k}": n for (s, k), n in sorted(Counter((e["split"], e["kind"]) for e in examples).items())},
+        "examples_by_split_kind": {
+            f"{s}/{k}": n for (s, k), n in sorted(Counter((e["split"], e["kind"]) for e in examples).items())
+        },
         "negative_fraction": float(np.mean([e["kind"] != "ok" for e in examples])) if examples else None,
         "distinct_texts": len({e["text"] for e in examples}),
         "groups": len(groups),
@@ -81,7 +90,9 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
         "wrong_train_paths": wrong,
     }
     if metrics["right"] == "edit":
-        metrics["edits_histogram"] = {str(k): v for k, v in sorted(Counter(g["edits"] for g in groups).items())}
+        metrics["edits_histogram"] = {
+            str(k): v for k, v in sorted(Counter(g["edits"] for g in groups).items())
+        }
         metrics["edit_yield"] = len(groups) / wrong if wrong else None
     _write_json(root / "metrics/reflect_data.json", metrics)
     return metrics
