@@ -20,8 +20,9 @@ A new or moved object with no free place in its relation moves its partners inst
 
 Everything else keeps its pixels. Objects are drawn as the generator's training scenes
 are (:data:`cotgen.world.render.CANONICAL`: no rotation, sides of 12-24 px, boxes on the
-4-px token grid) with GenEval-Shapes' gaps and position margin; erasing paints the
-object's (dilated) mask with the image's background colour.
+4-px token grid), :data:`EDIT_GAP` px clear of anything already drawn and with the
+renderer's position margin; erasing paints the object's (dilated) mask with the image's
+background colour.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from cotgen.reflect.text import Failure
 from cotgen.world.detector import background_color
 from cotgen.world.render import (
     BORDER,
-        CANONICAL,
+    CANONICAL,
     POSITION_MARGIN,
     SIZE_RANGE,
     RenderStyle,
@@ -71,7 +72,8 @@ class _Canvas:
     def erase(self, mask: np.ndarray) -> None:
         self.pixels[ndimage.binary_dilation(mask, iterations=ERASE_DILATION)] = self.background
 
-    def draw(self, shape: str, color: str, side: float, box: tuple[int, int, int, int], patch) -> None:
+    def draw(self, color: str, box: tuple[int, int, int, int], patch) -> None:
+        """Paint ``patch`` (an object's coverage) in ``color`` with its tight box's corner at ``box[:2]``."""
         bx0, by0 = patch.box[:2]
         composite(self.pixels, patch.alpha, COLOR_RGB[color], box[0] - bx0, box[1] - by0)
 
@@ -152,17 +154,17 @@ def _place_related(canvas: _Canvas, cls: str, color: str, side: float, constrain
         placed = _free_box(canvas, side, cls, rng, style, [])
         if placed is None:
             return False
-        canvas.draw(cls, color, side, *placed)
+        canvas.draw(color, *placed)
         for d, partner, rel, new_is_a in constraints:
             p_side = _snap_side(d.box, style)
             again = _free_box(canvas, p_side, partner, rng, style, [(placed[0], rel, not new_is_a)])
             if again is None:
                 return False
-            canvas.draw(partner, d.color or COLORS[int(rng.integers(len(COLORS)))], p_side, *again)
+            canvas.draw(d.color or COLORS[int(rng.integers(len(COLORS)))], *again)
         return True
     if placed is None:
         return False
-    canvas.draw(cls, color, side, *placed)
+    canvas.draw(color, *placed)
     return True
 
 
@@ -230,7 +232,7 @@ def repair_image(
             side = _snap_side(d.box, style)
             canvas.erase(d.mask)
             patch = _draw_patch(cls, side, 0.0, rng, subpixel=False)
-            canvas.draw(cls, req["color"], side, (x0, y0, x0, y0), patch)
+            canvas.draw(req["color"], (x0, y0, x0, y0), patch)
         ok = True
     elif failure.kind == "position":
         movers = dets[:want]
