@@ -8,8 +8,8 @@ empty reflection, a blank canvas, both (a first round), and another group's refl
 previous image. Then, per code, the mean log p where the right image keeps the wrong one's
 code (of an object, or of the blank canvas) and where it does not: a corrector that copies
 what the edit kept scores kept object codes near 0 given the previous image, and no better
-than a first round without it. Held-out groups come from the held-out prompts' trajectories, made as the
-training groups were (``--right``, default ``params.yaml``'s ``reflect.data.right``:
+than a first round without it. Held-out groups come from the held-out prompts'
+trajectories, made as the training groups were (``--right``, default ``params.yaml``'s ``reflect.data.right``:
 ``edit`` = the wrong image repaired, ``sample`` = a correct path of the same prompt, no
 rendered right images); training groups from ``data/reflect/reflections.jsonl`` (edited or
 generator-sampled right images only), for contrast.

@@ -222,7 +222,6 @@ class StepwiseSampler:
         self._cache = preallocated_cache(
             generator.model.config, max_cache_len=prefix.shape[1] + generator.num_image_tokens - start.shape[1]
         )
-        self._index = prefix.shape[1]  # sequence index of the next input token
         with torch.no_grad():
             out = generator.model(input_ids=prefix, cache=self._cache, use_cache=True,
                                   **generator.position_kwargs(0, prefix.shape[1], len(prefix), cached=True))
@@ -307,9 +306,9 @@ class StepwiseSampler:
             ids = codes + self.g.text_vocab
             if self.cfg:
                 ids = torch.cat([ids, ids])
+            index = self._cache.get_seq_length()  # sequence index of this input
             out = self.g.model(input_ids=ids[:, None], cache=self._cache, use_cache=True,
-                               **self.g.position_kwargs(self._index, 1, len(ids), cached=True))
-            self._index += 1
+                               **self.g.position_kwargs(index, 1, len(ids), cached=True))
             self._next_logits = out.logits[:, -1, self.g.text_vocab :].float()
             for pid in self._rows:
                 self.paths[pid].forward_passes += 2 if self.cfg else 1

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from cotgen.jsonl import read_jsonl, write_jsonl
-from cotgen.reflect.text import primary_failure, render_failure
+from cotgen.reflect.text import Failure, primary_failure, render_failure
 
 
 def reflection_groups(
@@ -94,10 +94,16 @@ def reflection_groups(
     return groups
 
 
+def failed_paths(traj, splits: Sequence[str] = ("train",)) -> list[tuple[int, dict, Failure]]:
+    """``(row, path, failure)`` of every wrong path of ``splits`` whose evaluator reason parses
+    (:func:`cotgen.reflect.text.primary_failure`): the paths a group can be made from."""
+    return [(i, p, f) for i, p in enumerate(traj.paths) if p["split"] in splits and not p["correct"]
+            and (f := primary_failure(p["reason"], p["metadata"]))]
+
+
 def _edited_groups(traj, image_tokenizer, detector, seed, splits, style, max_edits) -> list[dict]:
     rng = np.random.default_rng(seed)
-    rows = [(i, p, f) for i, p in enumerate(traj.paths) if p["split"] in splits and not p["correct"]
-            and (f := primary_failure(p["reason"], p["metadata"]))]
+    rows = failed_paths(traj, splits)
     right = edited_right_tokens(traj.tokens[[i for i, _, _ in rows]], [p["metadata"] for _, p, _ in rows],
                                 image_tokenizer, detector, rng, style, max_edits)
     return [

@@ -204,12 +204,12 @@ def repair_image(
     dets = list(found.get(cls, []))
     canvas = _Canvas(image)
     lo, hi = SIZE_RANGE[min(max(SIZE_RANGE), _total_objects(found) + max(1, want - len(dets)))]
+    constraints = _relation_constraints(metadata, failure.include, found)  # on new or moved objects
 
     def add(n: int) -> bool:
         for _ in range(n):
             side = _side(lo, hi, style, rng)
             color = req.get("color") or COLORS[int(rng.integers(len(COLORS)))]
-            constraints = _relation_constraints(metadata, failure.include, found)
             if not _place_related(canvas, cls, color, side, constraints, rng, style):
                 return False
         return True
@@ -243,14 +243,12 @@ def repair_image(
         ok = True
         for d in movers:
             color = d.color or req.get("color") or COLORS[int(rng.integers(len(COLORS)))]
-            if not _place_related(canvas, cls, color, _snap_side(d.box, style),
-                                  _relation_constraints(metadata, failure.include, found), rng, style):
+            if not _place_related(canvas, cls, color, _snap_side(d.box, style), constraints, rng, style):
                 ok = False
                 break
     else:
         return None
     return canvas.image() if ok else None
-
 
 
 def repair_until_correct(image: np.ndarray, detector, metadata: Mapping, rng: np.random.Generator,

@@ -45,8 +45,8 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
     prompts only; checked by the ``reflections`` suite). Writes ``data/reflect/examples.jsonl``,
     ``data/reflect/reflections.jsonl`` and ``metrics/reflect_data.json``."""
     from cotgen.pipeline.stages import PATHS as MAIN, _load_generator_parts, _validate
-    from cotgen.reflect.data import reflection_groups, write_groups
-    from cotgen.reflect.text import primary_failure, reflection_examples
+    from cotgen.reflect.data import failed_paths, reflection_groups, write_groups
+    from cotgen.reflect.text import reflection_examples
     from cotgen.reward.data import Trajectories
     from cotgen.world.detector import ShapesDetector
     from cotgen.world.render import STYLES
@@ -67,8 +67,7 @@ def stage_reflect_data(params: dict, root: Path = Path(".")) -> dict:
         right=r.get("right", "sample"),
         max_edits=r.get("max_edits", 3),
     )
-    wrong = sum(1 for p in traj.paths if p["split"] == "train" and not p["correct"]
-                and primary_failure(p["reason"], p["metadata"]))
+    wrong = len(failed_paths(traj))
     final = root / PATHS["groups"]
     tmp = final.with_name(final.name + ".tmp")
     write_groups(tmp, groups)
