@@ -242,6 +242,73 @@ def test_aligned_positions_sampler_matches_full_forward(gen, tmp_path):
     assert corrector_from_generator(gen, reflection_len=16).generator.position_shift is None
 
 
+def test_copy_input_sampler_matches_full_forward_and_reloads(gen, tmp_path):
+    """The copy input: zero at the start (the widened generator unchanged); once set, the
+    KV-cached sampler (with a dropped path, so its rows are reordered) gives a full
+    forward's logits, and the copy embedding survives a reload."""
+    plain = corrector_from_generator(gen, reflection_len=16, aligned_positions=True)
+    c = corrector_from_generator(gen, reflection_len=16, aligned_positions=True, copy_input=True)
+    g2, n = c.generator, gen.num_image_tokens
+    assert g2.copy_split == gen.prompt_len + c.condition_length and plain.generator.copy_embedding is None
+    prompts, refl = ["a photo of three stars", "a photo of a red circle"], ["the star is missing", ""]
+    codes = torch.randint(0, gen.codebook_size, (2, n), generator=torch.Generator().manual_seed(0))
+    new = codes.roll(1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(c.code_logprobs(prompts, refl, codes, new),
+                                   plain.code_logprobs(prompts, refl, codes, new))
+        torch.nn.init.normal_(g2.copy_embedding.weight, std=1.0)
+        moved = c.code_logprobs(prompts, refl, codes, new)
+    assert not torch.allclose(moved, plain.code_logprobs(prompts, refl, codes, new), atol=1e-3)
+    sampler = StepwiseSampler(g2, prompts, SamplingConfig(n=2, cfg_scale=1.5, seed=0, tokens_per_step=STEP),
+                              condition=c.condition(refl, codes), null_condition=c.null_condition(codes))
+    sampler.step()
+    sampler.drop([0])  # the first prompt's first path
+    sampler.run()
+    kept = [p for p in sampler.paths if p.alive]
+    new = torch.tensor([p.tokens for p in kept])
+    rows = [p.prompt_index for p in kept]
+    with torch.no_grad():
+        cond = c.new_image_logits(c.sequences([prompts[i] for i in rows], [refl[i] for i in rows], codes[rows], new))
+        uncond = c.new_image_logits(c.layout(g2.null_prompts(len(rows)), c.encode_reflections([""] * len(rows)),
+                                             codes[rows], new))
+    torch.testing.assert_close(sampler._guided(), (cond + 1.5 * (cond - uncond))[:, -1].float(), rtol=1e-4, atol=1e-4)
+    c.save_pretrained(tmp_path / "copy")
+    again = SelfCorrector.from_pretrained(tmp_path / "copy")
+    assert again.copy_input and again.generator.copy_split == g2.copy_split
+    with torch.no_grad():
+        torch.testing.assert_close(again.code_logprobs(prompts, refl, codes, new[:2]),
+                                   c.code_logprobs(prompts, refl, codes, new[:2]))
+    (tmp_path / "copy" / "copy_embedding.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="copy_embedding"):
+        SelfCorrector.from_pretrained(tmp_path / "copy")
+
+
+def test_copy_input_learns_to_copy(gen, tmp_path):
+    """On a pure copy task (right image = previous image, random codes), the copy input
+    makes the corrector copy: the held-out right codes get a far higher log p given their
+    previous image than given another image."""
+    c = corrector_from_generator(gen, reflection_len=16, aligned_positions=True, copy_input=True)
+    g, n = c.generator, gen.num_image_tokens
+    rng = np.random.default_rng(0)
+    prompts = ["a photo of three stars", "a photo of a red circle"]
+
+    def groups(k):
+        out = []
+        for i in range(k):
+            codes = rng.integers(0, g.codebook_size, n).tolist()
+            out.append({"prompt": prompts[i % 2], "wrong_tokens": codes, "reflection": "", "right_tokens": codes})
+        return out
+
+    trained, m = train_corrector(c, groups(64), tmp_path / "c", lora_rank=2, lora_alpha=4, steps=60, batch_size=8,
+                                 learning_rate=3e-2, warmup_steps=0, first_round_fraction=0.0, progress=False)
+    held = groups(4)
+    prev = torch.tensor([h["wrong_tokens"] for h in held])
+    with torch.no_grad():
+        own = trained.code_logprobs([h["prompt"] for h in held], [""] * 4, prev, prev).mean()
+        other = trained.code_logprobs([h["prompt"] for h in held], [""] * 4, prev.roll(1, 0), prev).mean()
+    assert own > other + 2.0, (float(own), float(other))
+
+
 def test_corrector_training_lowers_loss_and_reloads(corrector, tmp_path):
     g = corrector.generator
     rng = np.random.default_rng(0)

@@ -76,6 +76,12 @@ class ShapesGenerator:
         #: (None: positions are the indices). PARM++'s self-correction generator sets it so that
         #: its new image shares the previous image's positions (:mod:`cotgen.reflect.corrector`).
         self.position_shift: tuple[int, int] | None = None
+        #: PARM++'s copy input: an input at sequence index ``i`` in ``[copy_split, copy_split + g*g)``
+        #: (it predicts image cell ``j = i - copy_split``) also receives :attr:`copy_embedding` of the
+        #: code ``g*g`` indices earlier (cell ``j`` of the image before), so copying a cell is a
+        #: lookup, not an attention pattern (:mod:`cotgen.reflect.corrector`). None: no copy input.
+        self.copy_split: int | None = None
+        self.copy_embedding: torch.nn.Embedding | None = None
 
     def position_ids(self, start: int, length: int) -> torch.Tensor | None:
         """RoPE positions of the sequence indices ``[start, start + length)``, long
@@ -100,6 +106,40 @@ class ShapesGenerator:
         if not cached:
             out["attention_mask"] = torch.ones(rows, length, dtype=torch.long)
         return out
+
+    def model_inputs(self, ids: torch.Tensor, start: int = 0, cached: bool = False,
+                     context: torch.Tensor | None = None) -> dict:
+        """Keyword arguments of a model call on the inputs ``ids`` ``(B, L)`` long (model ids),
+        which sit at the sequence indices ``[start, start + L)``: ``input_ids`` (or, with a
+        :attr:`copy_embedding`, ``inputs_embeds`` ``(B, L, hidden)`` in the model's dtype) and
+        :meth:`position_kwargs`.
+
+        Args:
+            cached: the call extends a KV cache.
+            context: ``(B, >= start + L - g*g)`` long, the sequence's ids from index 0, where
+                the copy input reads the copied codes (default: ``ids`` itself, for a call
+                from index 0); only read with a :attr:`copy_embedding`.
+        Raises:
+            ValueError: the copy input needs codes the context does not hold.
+        """
+        rows, length = ids.shape
+        kw = self.position_kwargs(start, length, rows, cached)
+        if self.copy_embedding is None:
+            return {"input_ids": ids, **kw}
+        embeds = self.model.get_input_embeddings()(ids)
+        cell = torch.arange(start, start + length) - self.copy_split
+        inside = (cell >= 0) & (cell < self.num_image_tokens)
+        if inside.any():
+            context = ids if context is None else context
+            source = torch.arange(start, start + length)[inside] - self.num_image_tokens
+            if source.min() < 0 or source.max() >= context.shape[1]:
+                raise ValueError(f"the copy input reads indices {source.min()}..{source.max()}; "
+                                 f"the context holds {context.shape[1]}")
+            codes = (context[:, source] - self.text_vocab).clamp(0, self.codebook_size - 1)
+            extra = torch.zeros_like(embeds)
+            extra[:, inside] = self.copy_embedding(codes).to(embeds.dtype)
+            embeds = embeds + extra
+        return {"inputs_embeds": embeds, **kw}
 
     # ------------------------------------------------------------------ config
     @staticmethod

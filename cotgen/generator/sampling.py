@@ -223,12 +223,13 @@ class StepwiseSampler:
             generator.model.config, max_cache_len=prefix.shape[1] + generator.num_image_tokens - start.shape[1]
         )
         with torch.no_grad():
-            out = generator.model(input_ids=prefix, cache=self._cache, use_cache=True,
-                                  **generator.position_kwargs(0, prefix.shape[1], len(prefix), cached=True))
+            out = generator.model(cache=self._cache, use_cache=True, **generator.model_inputs(prefix, cached=True))
         expand = torch.arange(len(prompts)).repeat_interleave(n)
         if self.cfg:
             expand = torch.cat([expand, expand + len(prompts)])
         self._cache.reorder_cache(expand)
+        # the copy input's source codes, per batch row (kept in step with the cache's rows)
+        self._context = prefix[expand] if generator.copy_embedding is not None else None
         self._next_logits = out.logits[:, -1, generator.text_vocab :].float()[expand]
         for path in self.paths:
             path.forward_passes += 2 if self.cfg else 1
@@ -266,6 +267,8 @@ class StepwiseSampler:
         if self._rows:
             self._cache.reorder_cache(index)
             self._next_logits = self._next_logits[index]
+            if self._context is not None:
+                self._context = self._context[index]
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -307,8 +310,8 @@ class StepwiseSampler:
             if self.cfg:
                 ids = torch.cat([ids, ids])
             index = self._cache.get_seq_length()  # sequence index of this input
-            out = self.g.model(input_ids=ids[:, None], cache=self._cache, use_cache=True,
-                               **self.g.position_kwargs(index, 1, len(ids), cached=True))
+            out = self.g.model(cache=self._cache, use_cache=True,
+                               **self.g.model_inputs(ids[:, None], index, cached=True, context=self._context))
             self._next_logits = out.logits[:, -1, self.g.text_vocab :].float()
             for pid in self._rows:
                 self.paths[pid].forward_passes += 2 if self.cfg else 1

@@ -41,6 +41,7 @@ from cotgen.generator.model import ShapesGenerator
 from cotgen.reflect.text import REFLECTION_LEN, YES, reflection_words
 
 CORRECTOR_FILE = "corrector.json"
+COPY_FILE = "copy_embedding.safetensors"
 
 
 def corrector_text_tokenizer():
@@ -70,17 +71,29 @@ class SelfCorrector:
             the generator's :attr:`~cotgen.generator.model.ShapesGenerator.position_shift`;
             the sampler and :meth:`image_logprobs` pass them). Without it, copying a kept cell
             means attending 257 positions back, which 1,000 LoRA steps did not learn (stop 24).
+        copy_input: the input that predicts the new image's cell ``j`` also receives a learnt
+            embedding of the previous image's code at cell ``j`` (sets the generator's
+            :attr:`~cotgen.generator.model.ShapesGenerator.copy_embedding`, ``(K, hidden)``
+            float32, zero at the start so the widened generator is unchanged). Neither LoRA
+            nor aligned positions learnt to copy kept cells in 300-1,000 steps (stop 24).
     """
 
     def __init__(self, generator: ShapesGenerator, reflection_len: int = REFLECTION_LEN,
-                 aligned_positions: bool = False) -> None:
+                 aligned_positions: bool = False, copy_input: bool = False) -> None:
         self.generator = generator
         self.reflection_len = reflection_len
         self.aligned_positions = aligned_positions
+        self.copy_input = copy_input
         # [<boi>][new image] take the positions of [<boi>][previous image]: the code to copy from the
         # previous image then sits one position ahead of the input that predicts it, at every cell
         boi2 = generator.prompt_len + self.condition_length
         generator.position_shift = (boi2, 1 + generator.num_image_tokens) if aligned_positions else None
+        generator.copy_split = boi2 if copy_input else None
+        if not copy_input:
+            generator.copy_embedding = None
+        elif generator.copy_embedding is None:
+            generator.copy_embedding = torch.nn.Embedding(generator.codebook_size, generator.model.config.hidden_size)
+            torch.nn.init.zeros_(generator.copy_embedding.weight)
         vocab = generator.text_tokenizer.get_vocab()
         lacking = [w for w in reflection_words() if w not in vocab]
         if lacking:
@@ -111,12 +124,17 @@ class SelfCorrector:
 
     def condition(self, reflections: Sequence[str], previous: torch.Tensor) -> torch.Tensor:
         """``[reflection block][<boi>][previous image]`` ``(P, condition_length)`` in model ids."""
+        return self.condition_blocks(self.encode_reflections(reflections), previous)
+
+    def condition_blocks(self, reflection_blocks: torch.Tensor, previous) -> torch.Tensor:
+        """:meth:`condition` from encoded reflection blocks ``(P, reflection_len)`` long and
+        previous images ``(P, g*g)`` codes. Raises ValueError for bad codes."""
         g = self.generator
-        prev = torch.as_tensor(previous, dtype=torch.long).reshape(len(reflections), -1)
+        prev = torch.as_tensor(previous, dtype=torch.long).reshape(len(reflection_blocks), -1)
         if prev.shape[1] != g.num_image_tokens or prev.min() < 0 or prev.max() >= g.codebook_size:
             raise ValueError(f"previous images must be {g.num_image_tokens} codes in [0, {g.codebook_size})")
-        boi = torch.full((len(reflections), 1), g.boi_id, dtype=torch.long)
-        return torch.cat([self.encode_reflections(reflections), boi, prev + g.text_vocab], 1)
+        boi = torch.full((len(reflection_blocks), 1), g.boi_id, dtype=torch.long)
+        return torch.cat([reflection_blocks, boi, prev + g.text_vocab], 1)
 
     def null_condition(self, previous: torch.Tensor) -> torch.Tensor:
         """The unconditional rows' condition: empty reflection, same previous image."""
@@ -137,11 +155,24 @@ class SelfCorrector:
         return {"corrector": self, "condition": cond, "null_condition": null}
 
     def sequences(self, prompts: Sequence[str], reflections: Sequence[str], previous, new) -> torch.Tensor:
-        """Training sequences: ``[prompt][condition][<boi>][new image]``."""
+        """Training sequences: ``[prompt][condition][<boi>][new image]``, ``(B, L)`` long."""
+        return self.layout(self.generator.encode_prompts(prompts), self.encode_reflections(reflections),
+                           previous, new)
+
+    def layout(self, prompt_blocks: torch.Tensor, reflection_blocks: torch.Tensor, previous, new) -> torch.Tensor:
+        """:meth:`sequences` from encoded blocks: prompt ``(B, prompt_len)`` and reflection
+        ``(B, reflection_len)`` long model ids, previous and new images ``(B, g*g)`` codes."""
         g = self.generator
-        cond = self.condition(reflections, previous)
-        head = torch.cat([g.encode_prompts(prompts), cond], 1)
-        return g.sequences(head, torch.as_tensor(new, dtype=torch.long).reshape(len(prompts), -1))
+        head = torch.cat([prompt_blocks, self.condition_blocks(reflection_blocks, previous)], 1)
+        return g.sequences(head, torch.as_tensor(new, dtype=torch.long).reshape(len(prompt_blocks), -1))
+
+    def new_image_logits(self, seq: torch.Tensor) -> torch.Tensor:
+        """Logits over the image codes at the inputs that predict the new image's codes,
+        ``(B, g*g, K)``, from :meth:`layout` sequences ``(B, L)``."""
+        g = self.generator
+        start = g.prompt_len + self.condition_length + 1
+        out = g.model(**g.model_inputs(seq[:, :-1]))
+        return out.logits[:, start - 1 :, g.text_vocab :]
 
     def code_logprobs(self, prompts, reflections, previous, new) -> torch.Tensor:
         """log p of each code of the new image given the prompt, reflection, previous image
@@ -149,11 +180,8 @@ class SelfCorrector:
         sampling)."""
         g = self.generator
         seq = self.sequences(prompts, reflections, previous, new)
-        start = g.prompt_len + self.condition_length + 1
-        logits = g.model(input_ids=seq, **g.position_kwargs(0, seq.shape[1], len(seq))).logits[
-            :, start - 1 : -1, g.text_vocab :
-        ]
-        target = seq[:, start:] - g.text_vocab
+        target = seq[:, g.prompt_len + self.condition_length + 1 :] - g.text_vocab
+        logits = self.new_image_logits(seq)
         return torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
     def image_logprobs(self, prompts, reflections, previous, new) -> torch.Tensor:
@@ -162,13 +190,17 @@ class SelfCorrector:
         return self.code_logprobs(prompts, reflections, previous, new).sum(-1)
 
     def save_pretrained(self, path: str | Path) -> None:
+        """The generator (:meth:`ShapesGenerator.save_pretrained`), ``corrector.json`` and,
+        with the copy input, ``copy_embedding.safetensors``."""
+        from safetensors.torch import save_file
+
         self.generator.save_pretrained(path)
-        (Path(path) / CORRECTOR_FILE).write_text(
-            json.dumps(
-                {"reflection_len": self.reflection_len, "aligned_positions": self.aligned_positions}, indent=2
-            )
-            + "\n"
-        )
+        cfg = {"reflection_len": self.reflection_len, "aligned_positions": self.aligned_positions,
+               "copy_input": self.copy_input}
+        (Path(path) / CORRECTOR_FILE).write_text(json.dumps(cfg, indent=2) + "\n")
+        if self.copy_input:
+            save_file({"weight": self.generator.copy_embedding.weight.detach().contiguous()},
+                      Path(path) / COPY_FILE)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> SelfCorrector:
@@ -180,15 +212,22 @@ class SelfCorrector:
                 "run `dvc repro reflect/dvc.yaml:corrector`"
             )
         cfg = json.loads((path / CORRECTOR_FILE).read_text())
-        return cls(
-            ShapesGenerator.from_pretrained(path), cfg["reflection_len"], cfg.get("aligned_positions", False)
-        )
+        generator = ShapesGenerator.from_pretrained(path)
+        if cfg.get("copy_input", False):
+            from safetensors.torch import load_file
+
+            if not (path / COPY_FILE).is_file():
+                raise FileNotFoundError(f"{path / CORRECTOR_FILE} asks for a copy input but {COPY_FILE} is missing")
+            weight = load_file(path / COPY_FILE)["weight"]
+            generator.copy_embedding = torch.nn.Embedding.from_pretrained(weight, freeze=True)
+        return cls(generator, cfg["reflection_len"], cfg.get("aligned_positions", False),
+                   cfg.get("copy_input", False))
 
 
 def corrector_from_generator(base: ShapesGenerator, reflection_len: int = REFLECTION_LEN,
-                             aligned_positions: bool = False) -> SelfCorrector:
+                             aligned_positions: bool = False, copy_input: bool = False) -> SelfCorrector:
     """The base generator widened to the self-correction layout (see the module;
-    ``aligned_positions`` as :class:`SelfCorrector`)."""
+    ``aligned_positions`` and ``copy_input`` as :class:`SelfCorrector`)."""
     from transformers import LlamaForCausalLM
 
     text = corrector_text_tokenizer()
@@ -217,7 +256,7 @@ def corrector_from_generator(base: ShapesGenerator, reflection_len: int = REFLEC
     model.load_state_dict(new_state)
     model.eval()
     return SelfCorrector(ShapesGenerator(model, text, base.image_tokenizer, base.prompt_len), reflection_len,
-                         aligned_positions)
+                         aligned_positions, copy_input)
 
 
 def train_corrector(
@@ -273,11 +312,17 @@ def train_corrector(
     import copy
 
     peft_model = get_peft_model(copy.deepcopy(g.model), lora)
+    # the corrector being trained: the peft model, and its own copy of the copy input (trained fully)
+    view = ShapesGenerator(peft_model, g.text_tokenizer, g.image_tokenizer, g.prompt_len)
+    view.copy_embedding = copy.deepcopy(g.copy_embedding)
+    training = SelfCorrector(view, corrector.reflection_len, corrector.aligned_positions, corrector.copy_input)
+    if training.copy_input:
+        training.generator.copy_embedding.weight.requires_grad_(True)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    if training.copy_input:
+        trainable.append(training.generator.copy_embedding.weight)
     opt = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, min(warmup_steps, steps // 10), steps)
-    T, L = g.text_vocab, g.prompt_len + corrector.condition_length + 1
-    boi = torch.full((1,), g.boi_id, dtype=torch.long)
     losses, start = [], time.monotonic()
     peft_model.train()
     for _ in tqdm(range(steps), desc="corrector", disable=not progress):
@@ -289,10 +334,7 @@ def train_corrector(
         r[first | torch.as_tensor(u[:, 1] < reflection_dropout)] = g.pad_id
         null = torch.as_tensor(u[:, 2] < cond_dropout)
         p[null], r[null] = g.pad_id, g.pad_id
-        seq = torch.cat([p, r, boi.expand(len(idx), 1), w + T, boi.expand(len(idx), 1), right[idx] + T], 1)
-        logits = peft_model(input_ids=seq[:, :-1], **g.position_kwargs(0, seq.shape[1] - 1, len(seq))).logits[
-            :, L - 1 :, T:
-        ]
+        logits = training.new_image_logits(training.layout(p, r, w, right[idx]))
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                  right[idx].reshape(-1))
         opt.zero_grad()
@@ -313,15 +355,10 @@ def train_corrector(
         torch.tensor([r["right_tokens"] for r in probe]),
     )
     with torch.no_grad():
-        adapted_lp = SelfCorrector(
-            ShapesGenerator(peft_model, g.text_tokenizer, g.image_tokenizer, g.prompt_len),
-            corrector.reflection_len,
-            corrector.aligned_positions,
-        ).image_logprobs(*args)
+        adapted_lp = training.image_logprobs(*args)
     peft_model.save_pretrained(out_dir / "adapter")
-    merged = peft_model.merge_and_unload().eval()
-    SelfCorrector(ShapesGenerator(merged, g.text_tokenizer, g.image_tokenizer, g.prompt_len),
-                  corrector.reflection_len, corrector.aligned_positions).save_pretrained(out_dir)
+    training.generator.model = peft_model.merge_and_unload().eval()
+    training.save_pretrained(out_dir)
     trained = SelfCorrector.from_pretrained(out_dir)
     with torch.no_grad():
         merged_lp = trained.image_logprobs(*args)

@@ -142,7 +142,8 @@ def stage_corrector(params: dict, root: Path = Path(".")) -> dict:
     groups = read_groups(root / PATHS["groups"])
     _validate("reflections", root / PATHS["groups"], root)
     base = ShapesGenerator.from_pretrained(root / MAIN["generator"])
-    corrector = corrector_from_generator(base, c["reflection_len"], c.get("aligned_positions", False))
+    corrector = corrector_from_generator(base, c["reflection_len"], c.get("aligned_positions", False),
+                                         c.get("copy_input", False))
     final = root / PATHS["corrector"]
     tmp = _tmp_dir(final)
     _, metrics = train_corrector(
