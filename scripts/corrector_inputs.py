@@ -14,7 +14,7 @@ trajectories, made as the training groups were (``--right``, default ``params.ya
 rendered right images); training groups from ``data/reflect/reflections.jsonl`` (edited or
 generator-sampled right images only), for contrast.
 
-    python scripts/corrector_inputs.py [--root .] [--groups 128] [--seed 1] [--right edit|sample]
+    python scripts/corrector_inputs.py [--root .] [--groups 128] [--seed 1] [--right edit|sample] [--corrector DIR]
 
 A measurement of the trained models of a finished ``dvc repro reflect/dvc.yaml``; 3.3 min on
 one thread for 2 x 128 groups. Raises FileNotFoundError if those models are missing.
@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=128, help="groups drawn from each split")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--corrector", type=Path, default=None,
+                    help="a corrector directory (default: the stage's, under --root)")
     ap.add_argument(
         "--right",
         choices=("edit", "sample"),
@@ -52,7 +54,7 @@ def main() -> None:
     from cotgen.pipeline.params import load_params
 
     right = args.right or load_params(args.root / "params.yaml")["reflect"]["data"].get("right", "sample")
-    corrector = SelfCorrector.from_pretrained(args.root / PATHS["corrector"])
+    corrector = SelfCorrector.from_pretrained(args.corrector or args.root / PATHS["corrector"])
     traj = Trajectories.load(args.root / MAIN["trajectories"])
     if right == "edit":
         from cotgen.pipeline.stages import _load_generator_parts

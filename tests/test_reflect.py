@@ -319,6 +319,8 @@ def test_corrector_training_lowers_loss_and_reloads(corrector, tmp_path):
     trained, m = train_corrector(corrector, groups, tmp_path / "c", lora_rank=2, lora_alpha=4, steps=30, batch_size=4,
                                  learning_rate=1e-2, warmup_steps=0, progress=False)
     assert m["last_loss"] < m["first_loss"] and m["merge_max_abs_diff"] < 1e-3
+    with pytest.raises(ValueError, match="prompt_dropout"):
+        train_corrector(corrector, groups, tmp_path / "bad", steps=1, prompt_dropout=1.5, progress=False)
     assert (tmp_path / "c" / "adapter").is_dir()
     again = SelfCorrector.from_pretrained(tmp_path / "c")
     args = ([gr["prompt"] for gr in groups], [gr["reflection"] for gr in groups],

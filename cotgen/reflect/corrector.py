@@ -276,6 +276,8 @@ def train_corrector(
     seed: int = 0,
     max_seconds: float | None = None,
     progress: bool = True,
+    copy_learning_rate: float | None = None,
+    prompt_dropout: float = 0.0,
 ) -> tuple[SelfCorrector, dict]:
     """Fine-tune the corrector with LoRA on reflection groups (``prompt``,
     ``wrong_tokens``, ``reflection``, ``right_tokens``; the ``reflections`` data kind).
@@ -283,10 +285,15 @@ def train_corrector(
     Each training row draws (seeded): with ``first_round_fraction`` a first round (blank
     canvas, empty reflection -> right image); else a correction, whose reflection is
     emptied with ``reflection_dropout`` (so "regenerate without reflection" is in
-    distribution, the ablation's condition); then with ``cond_dropout`` the prompt and
+    distribution, the ablation's condition), and its prompt nulled with ``prompt_dropout``
+    (so the fix must be read from the reflection); then with ``cond_dropout`` the prompt and
     reflection become null (classifier-free guidance). Loss: cross-entropy of the right
-    image's codes over the image codes. Writes ``out_dir`` (merged weights,
+    image's codes over the image codes. With the copy input, its embedding is trained fully,
+    at ``copy_learning_rate`` (default: ``learning_rate``). Writes ``out_dir`` (merged weights,
     :meth:`SelfCorrector.save_pretrained`; the adapter under ``adapter/``).
+
+    Raises:
+        ValueError: no groups, or a rate outside [0, 1] (named).
 
     Returns:
         ``(corrector reloaded from out_dir, metrics)``: ``groups``, ``steps``,
@@ -299,6 +306,11 @@ def train_corrector(
 
     if not groups:
         raise ValueError("no reflection groups to train the corrector on")
+    rates = {"first_round_fraction": first_round_fraction, "reflection_dropout": reflection_dropout,
+             "cond_dropout": cond_dropout, "prompt_dropout": prompt_dropout}
+    for name, rate in rates.items():
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {rate}")
     g = corrector.generator
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -319,9 +331,12 @@ def train_corrector(
     if training.copy_input:
         training.generator.copy_embedding.weight.requires_grad_(True)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    param_groups = [{"params": list(trainable)}]
     if training.copy_input:
         trainable.append(training.generator.copy_embedding.weight)
-    opt = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=0.0)
+        param_groups.append({"params": [training.generator.copy_embedding.weight],
+                        "lr": copy_learning_rate or learning_rate})
+    opt = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, min(warmup_steps, steps // 10), steps)
     losses, start = [], time.monotonic()
     peft_model.train()
@@ -332,6 +347,8 @@ def train_corrector(
         first = torch.as_tensor(u[:, 0] < first_round_fraction)
         w[first] = blank
         r[first | torch.as_tensor(u[:, 1] < reflection_dropout)] = g.pad_id
+        if prompt_dropout:  # corrections that must be read from the reflection: the prompt nulled
+            p[~first & torch.as_tensor(rng.random(len(idx)) < prompt_dropout)] = g.pad_id
         null = torch.as_tensor(u[:, 2] < cond_dropout)
         p[null], r[null] = g.pad_id, g.pad_id
         logits = training.new_image_logits(training.layout(p, r, w, right[idx]))

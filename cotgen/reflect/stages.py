@@ -152,6 +152,7 @@ def stage_corrector(params: dict, root: Path = Path(".")) -> dict:
         learning_rate=c["learning_rate"], warmup_steps=c["warmup_steps"],
         first_round_fraction=c["first_round_fraction"], reflection_dropout=c["reflection_dropout"],
         cond_dropout=c["cond_dropout"], seed=c["seed"], max_seconds=c.get("max_seconds"),
+        copy_learning_rate=c.get("copy_learning_rate"), prompt_dropout=c.get("prompt_dropout", 0.0),
     )
     _replace_dir(tmp, final)
     _write_json(root / "metrics/reflect_corrector.json", metrics)
