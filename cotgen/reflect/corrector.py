@@ -335,7 +335,7 @@ def train_corrector(
     if training.copy_input:
         trainable.append(training.generator.copy_embedding.weight)
         param_groups.append({"params": [training.generator.copy_embedding.weight],
-                        "lr": copy_learning_rate or learning_rate})
+                             "lr": copy_learning_rate or learning_rate})
     opt = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, min(warmup_steps, steps // 10), steps)
     losses, start = [], time.monotonic()
