@@ -127,11 +127,12 @@ class ShapesGenerator:
         if self.copy_embedding is None:
             return {"input_ids": ids, **kw}
         embeds = self.model.get_input_embeddings()(ids)
-        cell = torch.arange(start, start + length) - self.copy_split
+        index = torch.arange(start, start + length)
+        cell = index - self.copy_split
         inside = (cell >= 0) & (cell < self.num_image_tokens)
         if inside.any():
             context = ids if context is None else context
-            source = torch.arange(start, start + length)[inside] - self.num_image_tokens
+            source = index[inside] - self.num_image_tokens
             if source.min() < 0 or source.max() >= context.shape[1]:
                 raise ValueError(f"the copy input reads indices {source.min()}..{source.max()}; "
                                  f"the context holds {context.shape[1]}")

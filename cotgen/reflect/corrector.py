@@ -86,7 +86,7 @@ class SelfCorrector:
         self.copy_input = copy_input
         # [<boi>][new image] take the positions of [<boi>][previous image]: the code to copy from the
         # previous image then sits one position ahead of the input that predicts it, at every cell
-        boi2 = generator.prompt_len + self.condition_length
+        boi2 = self.new_image_start - 1
         generator.position_shift = (boi2, 1 + generator.num_image_tokens) if aligned_positions else None
         generator.copy_split = boi2 if copy_input else None
         if not copy_input:
@@ -102,6 +102,11 @@ class SelfCorrector:
     @property
     def condition_length(self) -> int:
         return self.reflection_len + 1 + self.generator.num_image_tokens
+
+    @property
+    def new_image_start(self) -> int:
+        """Sequence index of the new image's first code (after the second ``<boi>``)."""
+        return self.generator.prompt_len + self.condition_length + 1
 
     def encode_reflections(self, texts: Sequence[str]) -> torch.Tensor:
         """Reflection blocks ``(P, reflection_len)`` long, left-padded; ``""`` or ``"yes"``
@@ -170,17 +175,15 @@ class SelfCorrector:
         """Logits over the image codes at the inputs that predict the new image's codes,
         ``(B, g*g, K)``, from :meth:`layout` sequences ``(B, L)``."""
         g = self.generator
-        start = g.prompt_len + self.condition_length + 1
         out = g.model(**g.model_inputs(seq[:, :-1]))
-        return out.logits[:, start - 1 :, g.text_vocab :]
+        return out.logits[:, self.new_image_start - 1 :, g.text_vocab :]
 
     def code_logprobs(self, prompts, reflections, previous, new) -> torch.Tensor:
         """log p of each code of the new image given the prompt, reflection, previous image
         and the codes before it: ``(B, g*g)`` float32 (image codes only compete, as in
         sampling)."""
-        g = self.generator
         seq = self.sequences(prompts, reflections, previous, new)
-        target = seq[:, g.prompt_len + self.condition_length + 1 :] - g.text_vocab
+        target = seq[:, self.new_image_start :] - self.generator.text_vocab
         logits = self.new_image_logits(seq)
         return torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
@@ -328,14 +331,12 @@ def train_corrector(
     view = ShapesGenerator(peft_model, g.text_tokenizer, g.image_tokenizer, g.prompt_len)
     view.copy_embedding = copy.deepcopy(g.copy_embedding)
     training = SelfCorrector(view, corrector.reflection_len, corrector.aligned_positions, corrector.copy_input)
-    if training.copy_input:
-        training.generator.copy_embedding.weight.requires_grad_(True)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
     param_groups = [{"params": list(trainable)}]
     if training.copy_input:
-        trainable.append(training.generator.copy_embedding.weight)
-        param_groups.append({"params": [training.generator.copy_embedding.weight],
-                             "lr": copy_learning_rate or learning_rate})
+        copy_weight = training.generator.copy_embedding.weight.requires_grad_(True)
+        trainable.append(copy_weight)
+        param_groups.append({"params": [copy_weight], "lr": copy_learning_rate or learning_rate})
     opt = torch.optim.AdamW(param_groups, lr=learning_rate, weight_decay=0.0)
     sched = get_cosine_schedule_with_warmup(opt, min(warmup_steps, steps // 10), steps)
     losses, start = [], time.monotonic()
