@@ -239,6 +239,8 @@ def generate(
     seed: int = typer.Option(0),
     corrector: Path = typer.Option(DEFAULT_CORRECTOR, "--corrector", help="parm_pp: self-correction generator"),
     max_rounds: int = typer.Option(3, "--max-rounds", min=1, help="parm_pp: most generation rounds"),
+    final_round: str = typer.Option("best", "--final-round", help="parm_pp: the image returned when no round is "
+                                    "accepted: last (the paper's loop) or best (highest outcome P(yes))"),
     world: Optional[str] = typer.Option(None, "--world", help="shapes (the models under data/) or coco (the real "
                                         "models of params real:); default: params real.world"),
     params: Path = typer.Option(Path("params.yaml"), "--params", help="its real: section (world, coco models)"),
@@ -278,14 +280,16 @@ def generate(
         try:
             reward = ReflectiveJudge.from_pretrained(judge)
             fixer = SelfCorrector.from_pretrained(corrector)
-            result = search(gen, reward, [prompt], config, SearchConfig(strategy, max_rounds=max_rounds),
+            result = search(gen, reward, [prompt], config, SearchConfig(strategy, max_rounds=max_rounds,
+                                                                           final_round=final_round),
                             keep_steps=True, corrector=fixer)[0]
         except (ValueError, FileNotFoundError) as e:
             _fail(str(e))
         rows, labels, finals = [], [], []
         for rd in result.rounds:
             verdict = "yes" if rd["accepted"] else "no"
-            console.print(f"round {rd['round']}: score {rd['score']:.2f} ({verdict})"
+            returned = " <- returned" if rd["round"] == result.compute["returned_round"] else ""
+            console.print(f"round {rd['round']}: score {rd['score']:.2f} ({verdict}){returned}"
                           + (f", conditioned on: {rd['condition_reflection']!r}" if rd["condition_reflection"] else "")
                           + (f"; reflection: {rd['reflection']!r}" if rd["reflection"] else ""))
             rd["image"].save(out / f"round{rd['round']}.png")
@@ -295,7 +299,8 @@ def generate(
                     f"{t.outcome:.2f}" if t.outcome is not None else "")
                 rows.append(rd["steps"][t.candidate])
                 labels.append(f"r{rd['round']}{mark}{t.candidate} {where}")
-                finals.append(rd["steps"][t.candidate][-1] if t.cut_at_step is None and rd["round"] == result.rounds[-1]["round"] else None)
+                finals.append(rd["steps"][t.candidate][-1] if t.cut_at_step is None
+                              and rd["round"] == result.compute["returned_round"] else None)
         result.image.save(out / "chosen.png")
         (out / "trace.json").write_text(json.dumps(result.trace(), indent=2) + "\n")
     else:

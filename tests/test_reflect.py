@@ -375,10 +375,32 @@ def test_parm_pp_rounds_are_bounded_and_traced(gen, corrector, max_rounds=3):
     assert len(bare.rounds) == 2 and bare.rounds[1]["condition_reflection"] == ""
     one = search(gen, ReflectingJudge(), prompts[:1], cfg, SearchConfig("parm_pp", max_rounds=1), corrector=corrector)[0]
     assert len(one.rounds) == 1 and one.rounds[0]["reflection"] == "the star is missing"
+    assert all(r.compute["returned_round"] == max_rounds for r in results)  # final_round "last": the paper's loop
+    with pytest.raises(ValueError, match="final_round"):
+        search(gen, judge, prompts, cfg, SearchConfig("parm_pp", final_round="first"), corrector=corrector)
     with pytest.raises(ValueError, match="corrector"):
         search(gen, judge, prompts, cfg, SearchConfig("parm_pp"))
     with pytest.raises(ValueError, match="max_rounds"):
         search(gen, judge, prompts, cfg, SearchConfig("parm_pp", max_rounds=0), corrector=corrector)
+
+
+class FadingJudge(ReflectingJudge):
+    """Never accepts; each round's outcome is 0.1 lower than the round before (0.3, 0.2, 0.1)."""
+
+    def score(self, question, prompts, images, progress=None):
+        if question == "outcome":
+            return np.full(len(prompts), 0.3 - 0.1 * len(self.reflected))
+        return super().score(question, prompts, images, progress)
+
+
+@pytest.mark.parametrize("final_round, returned", [("best", 1), ("last", 3)])
+def test_parm_pp_returns_the_best_or_the_last_round(gen, corrector, final_round, returned):
+    cfg = SamplingConfig(n=2, cfg_scale=1.0, seed=0, tokens_per_step=STEP)
+    r = search(gen, FadingJudge(), ["a photo of three stars"], cfg,
+               SearchConfig("parm_pp", max_rounds=3, final_round=final_round), corrector=corrector)[0]
+    assert [round(rd["score"], 6) for rd in r.rounds] == [0.3, 0.2, 0.1]
+    assert r.compute["returned_round"] == returned and r.score == pytest.approx(r.rounds[returned - 1]["score"])
+    assert r.image is r.rounds[returned - 1]["image"] and r.tokens == r.rounds[returned - 1]["tokens"]
 
 
 def test_cli_generate_parm_pp_shows_rounds(gen, corrector, tmp_path):
@@ -477,6 +499,9 @@ def test_reflect_stages_on_the_tiny_pipeline(tiny_run, tmp_path):
     verified = load_verified()
     assert isinstance(verified.corrector, SelfCorrector) and isinstance(verified.judge, ReflectiveJudge)
     assert verified.info["parm_pp_overall"] == table["rows"]["parm_pp"]["overall"]
+    e = params["reflect"]["eval"]  # the service's parm_pp runs as the gated row did
+    assert (verified.search.max_rounds, verified.search.accept_threshold, verified.search.final_round) == (
+        e["max_rounds"], e["accept_threshold"], e["final_round"])
     # the judge's own answers are the promoted judge's
     base_judge = load_verified(base).judge
     image = verified.generator.decode(torch.zeros(1, verified.generator.num_image_tokens, dtype=torch.long))[0]

@@ -171,8 +171,9 @@ def test_generate_parm_pp_rounds(server):
     assert first["condition_reflection"] is None and not first["accepted"]
     assert _png(first["image_png_base64"]).size == (64, 64)
     assert second["image_png_base64"] == d["image_png_base64"] and second["chosen"] == d["chosen"]
+    assert second["returned"] and not first["returned"]  # final_round "last"
     assert d["trace"]["compute"]["image_tokens"] == first["image_tokens"] + second["image_tokens"]
-    assert len(d["trace"]["candidates"]) == 2  # the last round's
+    assert len(d["trace"]["candidates"]) == 2  # the returned round's
     assert _post(server, "/generate", json=body).json()["image_png_base64"] == d["image_png_base64"]
     # a prompt the generator takes but the reflection cannot parse: 400 before any search
     r = _post(server, "/generate", json={**body, "prompt": "a photo of a green triangle left of a yellow cross"})

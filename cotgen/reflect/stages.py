@@ -194,7 +194,8 @@ def run_table5_row(params: dict, root: Path, name: str, eval_key: str = "eval") 
     corrector = SelfCorrector.from_pretrained(root / PATHS["corrector"])
     judge = None if strategy == "sample" else ReflectiveJudge.from_pretrained(root / PATHS["judge"])
     config = SearchConfig(strategy, se["clarity_threshold"], se["potential_threshold"], max_rounds=e["max_rounds"],
-                          accept_threshold=e["accept_threshold"], reflection=reflection)
+                          accept_threshold=e["accept_threshold"], reflection=reflection,
+                          final_round=e.get("final_round", "last"))
 
     final = root / "data/samples" / out
     traces = search_eval_set(corrector.generator, judge, eval_set, sampling_config(params, n), config,
@@ -247,7 +248,8 @@ def stage_package_parm_pp(params: dict, root: Path = Path(".")) -> dict:
     judge weights and a reflector) and the self-correction generator
     (``data/reflect/corrector``). It becomes ``cotgen-verified:latest`` and the service
     answers ``strategy: parm_pp`` with it (every round the self-correction generator's,
-    round 1 from a blank canvas, as in the Table-5 rows that gate it); the Bento is
+    round 1 from a blank canvas, with ``reflect.eval``'s ``max_rounds``, ``accept_threshold``
+    and ``final_round``, as in the Table-5 rows that gate it); the Bento is
     rebuilt as in ``package``. Writes
     ``data/reflect/registry.json`` and ``metrics/package_parm_pp.json``.
 
@@ -316,8 +318,11 @@ def stage_package_parm_pp(params: dict, root: Path = Path(".")) -> dict:
     scores = {"overall": meta["geneval_overall"], "parm_pp_overall": rows["parm_pp"]["overall"],
               "tags": {k[len("geneval_"):]: v for k, v in meta.items()
                        if k.startswith("geneval_") and k != "geneval_overall"}}
+    e = params["reflect"]["eval"]  # the service's parm_pp runs as the gated Table-5 row did
+    search = SearchConfig(**{**spec["search"], "max_rounds": e["max_rounds"], "accept_threshold": e["accept_threshold"],
+                             "final_round": e.get("final_round", "last")})
     candidate = save_candidate(base_path / "generator", reflective, SamplingConfig(**spec["sampling"]),
-                               SearchConfig(**spec["search"]), scores, root=root,
+                               search, scores, root=root,
                                labels={"gate": "passed", "parm_pp": "true", "base": str(base.tag)},
                                corrector_dir=root / PATHS["corrector"])
     promoted, bento = promote_and_build(params, root, candidate)

@@ -41,6 +41,7 @@ from cotgen.generator.sampling import SamplingConfig, StepwiseSampler
 from cotgen.reward.judge import Judge
 
 STRATEGIES = ("sample", "best_of_n", "prm", "parm", "parm_pp")
+FINAL_ROUNDS = ("last", "best")  # the image parm_pp returns when no round is accepted
 
 
 @dataclass
@@ -132,6 +133,9 @@ class SearchConfig:
         accept_threshold: outcome P(yes) at or above which ``parm_pp`` accepts a round.
         reflection: ``parm_pp`` regenerates conditioned on the reflection (False: on
             the previous image only, an empty reflection).
+        final_round: which round's image ``parm_pp`` returns when no round is accepted:
+            ``"last"`` (the paper's loop, section 5) or ``"best"`` (the round with the
+            highest outcome P(yes); an accepted round is always the last and the best).
     """
 
     strategy: str = "parm"
@@ -140,6 +144,7 @@ class SearchConfig:
     max_rounds: int = 3
     accept_threshold: float = 0.5
     reflection: bool = True
+    final_round: str = "last"
 
     def check(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -149,6 +154,8 @@ class SearchConfig:
                 raise ValueError(f"{name} must lie in [0, 1]")
         if self.max_rounds < 1:
             raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
+        if self.final_round not in FINAL_ROUNDS:
+            raise ValueError(f"final_round must be one of {list(FINAL_ROUNDS)}, got {self.final_round!r}")
 
 
 def _asker(judge: Judge | None):
@@ -327,14 +334,17 @@ def _parm_pp(generator, judge, prompts, sampling, config, keep_steps, corrector,
         null = corrector.null_condition(previous)
     out = []
     for i, prompt in enumerate(prompts):
-        last = rounds[i][-1]
+        final = rounds[i][-1]
+        if config.final_round == "best":  # the first of the highest-scored rounds
+            final = max(rounds[i], key=lambda rd: -1.0 if rd["score"] is None else rd["score"])
         compute = {k: sum(rd["compute"][k] for rd in rounds[i]) for k in ("image_tokens", "forward_passes",
                                                                           "judge_calls", "seconds")}
         compute["rounds"] = len(rounds[i])
-        out.append(SearchResult(prompt=prompt, strategy="parm_pp", n=sampling.n, image=last["image"],
-                                chosen=last["chosen"], score=last["score"],
+        compute["returned_round"] = final["round"]
+        out.append(SearchResult(prompt=prompt, strategy="parm_pp", n=sampling.n, image=final["image"],
+                                chosen=final["chosen"], score=final["score"],
                                 paths=[p for rd in rounds[i] for p in rd["paths"]], compute=compute,
-                                steps=last["steps"], tokens=last["tokens"], rounds=rounds[i]))
+                                steps=final["steps"], tokens=final["tokens"], rounds=rounds[i]))
     return out
 
 

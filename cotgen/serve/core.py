@@ -179,7 +179,8 @@ class VerifiedService:
     def generate_json(self, return_steps: bool = False, **request) -> dict:
         """:meth:`generate` as the JSON answer (see :mod:`cotgen.serve.service`)."""
         result, sampling, strategy, waited = self.generate(return_steps=return_steps, **request)
-        paths = result.rounds[-1]["paths"] if result.rounds else result.paths  # parm_pp: the last round's
+        returned = result.compute.get("returned_round")  # parm_pp: the round whose image is returned
+        paths = result.rounds[returned - 1]["paths"] if result.rounds else result.paths
         chosen = next(t for t in paths if t.candidate == result.chosen)
         num_steps = self.generator.num_image_tokens // (sampling.tokens_per_step or self.generator.grid_size)
         candidates = []
@@ -208,7 +209,7 @@ class VerifiedService:
                 {"round": rd["round"], "image_png_base64": png_base64(rd["image"]), "outcome": rd["score"],
                  "accepted": rd["accepted"], "reflection": rd["reflection"],
                  "condition_reflection": rd["condition_reflection"], "chosen": rd["chosen"],
-                 "image_tokens": rd["compute"]["image_tokens"]}
+                 "image_tokens": rd["compute"]["image_tokens"], "returned": rd["round"] == returned}
                 for rd in (result.rounds or [])
             ],
         }

@@ -132,6 +132,8 @@ class Round(BaseModel):
     condition_reflection: Optional[str] = Field(None, description="the reflection this round was generated from")
     chosen: int
     image_tokens: int
+    returned: bool = Field(False, description="this round's image is the answer's image (the last round, or with "
+                           "final_round 'best' the highest-scored one when none was accepted)")
 
 
 class GenerateResponse(BaseModel):
@@ -152,7 +154,7 @@ class GenerateResponse(BaseModel):
     steps: list[StepImages] = Field(default_factory=list, description="per candidate, its image after each "
                                     "step it lived (only with return_steps)")
     rounds: list[Round] = Field(default_factory=list, description="parm_pp only: every round's image, score "
-                                "and reflection (the trace's candidates are the last round's)")
+                                "and reflection (the trace's candidates are the returned round's)")
 
 
 class JudgeResponse(BaseModel):
