@@ -254,9 +254,12 @@ def generate(
     thresholds; not parm_pp)."""
     from cotgen.generator.grid import image_grid
     from cotgen.search import STRATEGIES, SearchConfig, search, stepwise_sampler
+    from cotgen.search.strategies import FINAL_ROUNDS
 
     if strategy not in STRATEGIES:
         _fail(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if final_round not in FINAL_ROUNDS:
+        _fail(f"unknown --final-round {final_round!r}; expected one of {', '.join(FINAL_ROUNDS)}")
     gen, load_reward, config, thresholds = _generation_models(world, params, strategy, generator, judge, n,
                                                               cfg_scale, temperature, top_k, seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +292,7 @@ def generate(
         for rd in result.rounds:
             verdict = "yes" if rd["accepted"] else "no"
             returned = " <- returned" if rd["round"] == result.compute["returned_round"] else ""
-            console.print(f"round {rd['round']}: score {rd['score']:.2f} ({verdict}){returned}"
+            console.print(f"round {rd['round']}: score {rd['score']:.4f} ({verdict}){returned}"
                           + (f", conditioned on: {rd['condition_reflection']!r}" if rd["condition_reflection"] else "")
                           + (f"; reflection: {rd['reflection']!r}" if rd["reflection"] else ""))
             rd["image"].save(out / f"round{rd['round']}.png")

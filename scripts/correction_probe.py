@@ -68,6 +68,10 @@ def main() -> None:
     ap.add_argument("--corrector", type=Path, default=None, help="default: data/reflect/corrector")
     ap.add_argument("--seed", type=int, default=2, help="which held-out groups")
     a = ap.parse_args()
+    if a.images < 1:
+        ap.error(f"--images must be at least 1, got {a.images}")
+    if a.base and a.mode != "region":
+        ap.error("--base runs the main job's generator in the oracle regions: it needs --mode region")
     root = a.root
     traj = Trajectories.load(root / MAIN["trajectories"])
     image_tokenizer = _load_generator_parts(root)[1]

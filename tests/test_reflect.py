@@ -432,6 +432,9 @@ def test_cli_generate_parm_pp_shows_rounds(gen, corrector, tmp_path):
     assert grid.height > 4 * 8  # 2 rounds x 2 candidates as rows
     bad = CliRunner().invoke(app, args[:-4] + ["--corrector", str(tmp_path / "none"), "--out", str(out)])
     assert bad.exit_code == 2 and "corrector" in bad.output
+    assert "<- returned" in result.output and trace["compute"]["returned_round"] in (1, 2)
+    odd = CliRunner().invoke(app, args[:-2] + ["--final-round", "Best", "--out", str(tmp_path / "odd")])
+    assert odd.exit_code == 2 and "final-round" in odd.output and not (tmp_path / "odd").exists()
 
 
 def test_reflect_stages_on_the_tiny_pipeline(tiny_run, tmp_path):
