@@ -90,13 +90,15 @@ def within_record_auroc(rows: list[dict], key: str) -> float:
     return hits / pairs if pairs else float("nan")
 
 
-def keep_top(rows: list[dict], key: str, k: int) -> float:
-    """GenEval-Shapes of: keep the top ``k`` by ``key`` (ties: judge potential), pick by outcome."""
-    right = []
+def keep_top(rows: list[dict], key: str, k: int) -> tuple[float, float]:
+    """Keep the top ``k`` paths by ``key`` (ties: judge potential), pick the highest outcome:
+    ``(GenEval-Shapes of the pick, fraction of records with a correct path kept)``."""
+    right, kept = [], []
     for r in rows:
         order = np.lexsort((-np.array(r["potential"]), -np.array(r[key])))[:k]
         right.append(r["correct"][order[np.argmax(np.array(r["outcome"])[order])]])
-    return float(np.mean(right))
+        kept.append(any(r["correct"][i] for i in order))
+    return float(np.mean(right)), float(np.mean(kept))
 
 
 def analyse(rows: list[dict]) -> None:
@@ -109,8 +111,9 @@ def analyse(rows: list[dict]) -> None:
           f"roll-out value {within_record_auroc(rows, 'rollout'):.3f}")
     for k in (1, 2, 4, 6, 8):
         tokens = n * step * tps + k * (steps - step) * tps
-        print(f"keep top-{k} at step {step} ({tokens:,} tokens, {tokens / full:.0%} of best-of-{n}): "
-              f"by judge potential {keep_top(rows, 'potential', k):.3f}, by roll-out value {keep_top(rows, 'rollout', k):.3f}")
+        (judge, judge_kept), (rollout, rollout_kept) = keep_top(rows, "potential", k), keep_top(rows, "rollout", k)
+        print(f"keep top-{k} at step {step} ({tokens:,} tokens, {tokens / full:.0%} of best-of-{n}): by judge potential "
+              f"{judge:.3f} (a correct path kept {judge_kept:.3f}), by roll-out value {rollout:.3f} ({rollout_kept:.3f})")
 
 
 def main() -> None:
