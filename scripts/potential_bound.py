@@ -12,7 +12,8 @@ Printed, on the same records:
   of the judge's recorded potential at the step and of the roll-out value;
 - PARM-like cuts at the step: keep the top ``k`` paths by either score (ties by the judge's
   potential), finish them, pick the highest recorded outcome P(yes); against best-of-N and
-  the oracle, with the image tokens each spends.
+  the oracle (GenEval's overall, the mean over tags), with the image tokens each spends; in
+  brackets the oracle among the kept paths.
 
 The roll-outs cost far more than a search would (``rollouts`` x the rest of the image per
 path): this is a bound on what a step-``s`` cut can keep, not a strategy.
@@ -90,23 +91,30 @@ def within_record_auroc(rows: list[dict], key: str) -> float:
     return hits / pairs if pairs else float("nan")
 
 
+def overall(rows: list[dict], right: list[bool]) -> float:
+    """GenEval's overall score: the mean over tags of each tag's fraction of correct images."""
+    tags = sorted({r["tag"] for r in rows})
+    return float(np.mean([np.mean([ok for r, ok in zip(rows, right) if r["tag"] == t]) for t in tags]))
+
+
 def keep_top(rows: list[dict], key: str, k: int) -> tuple[float, float]:
     """Keep the top ``k`` paths by ``key`` (ties: judge potential), pick the highest outcome:
-    ``(GenEval-Shapes of the pick, fraction of records with a correct path kept)``."""
+    ``(GenEval-Shapes overall of the picks, the same with a correct path kept counting as right)``."""
     right, kept = [], []
     for r in rows:
         order = np.lexsort((-np.array(r["potential"]), -np.array(r[key])))[:k]
         right.append(r["correct"][order[np.argmax(np.array(r["outcome"])[order])]])
         kept.append(any(r["correct"][i] for i in order))
-    return float(np.mean(right)), float(np.mean(kept))
+    return overall(rows, right), overall(rows, kept)
 
 
 def analyse(rows: list[dict]) -> None:
     n, step, tps, steps = len(rows[0]["correct"]), rows[0]["step"], rows[0]["tokens_per_step"], rows[0]["num_steps"]
     full = n * steps * tps
-    best = np.mean([r["correct"][int(np.argmax(r["outcome"]))] for r in rows])
-    oracle = np.mean([any(r["correct"]) for r in rows])
-    print(f"{len(rows)} records, N = {n}: best-of-{n} {best:.3f} ({full:,} tokens per image), oracle {oracle:.3f}")
+    best = overall(rows, [r["correct"][int(np.argmax(r["outcome"]))] for r in rows])
+    oracle = overall(rows, [any(r["correct"]) for r in rows])
+    print(f"{len(rows)} records, N = {n} (GenEval-Shapes overall: the mean over tags): best-of-{n} {best:.3f} "
+          f"({full:,} tokens per image), oracle {oracle:.3f}")
     print(f"within-record AUROC at step {step}: judge potential {within_record_auroc(rows, 'potential'):.3f}, "
           f"roll-out value {within_record_auroc(rows, 'rollout'):.3f}")
     for k in (1, 2, 4, 6, 8):
