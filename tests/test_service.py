@@ -182,6 +182,33 @@ def test_generate_parm_pp_rounds(server):
     assert ok.status_code == 200, ok.text
 
 
+def test_parm_pp_final_round_best_in_process(promoted):
+    """With final_round "best" the answer is the highest-scored round (every round is
+    rejected here: accept threshold 1.0); exactly that round is marked, and the trace's
+    candidates are its paths."""
+    from dataclasses import replace
+
+    from cotgen.registry import load_verified
+    from cotgen.serve.config import serve_config
+    from cotgen.serve.core import VerifiedService
+
+    verified = load_verified(promoted)
+    verified.search = replace(verified.search, final_round="best")
+    service = VerifiedService(verified, serve_config(SERVE_PARAMS["serve"]))
+    earlier = []
+    for seed in (0, 1):
+        d = service.generate_json(prompt=PROMPT, strategy="parm_pp", n=2, seed=seed)
+        outcomes = [rd["outcome"] for rd in d["rounds"]]
+        returned = [rd for rd in d["rounds"] if rd["returned"]]
+        assert len(d["rounds"]) == 2 and len(returned) == 1
+        assert returned[0]["round"] == 1 + outcomes.index(max(outcomes))
+        assert returned[0]["image_png_base64"] == d["image_png_base64"] and returned[0]["chosen"] == d["chosen"]
+        assert d["trace"]["compute"]["returned_round"] == returned[0]["round"]
+        assert [c["candidate"] for c in d["trace"]["candidates"] if c["status"] == "chosen"] == [d["chosen"]]
+        earlier.append(returned[0]["round"] < len(d["rounds"]))
+    assert any(earlier)  # "last" would have answered differently here
+
+
 def test_parm_pp_needs_the_self_correction_generator(tiny_run):
     """A model without PARM++'s parts serves every strategy but parm_pp, and says why."""
     from cotgen.pipeline.stages import PATHS, sampling_config
