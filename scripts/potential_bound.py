@@ -80,21 +80,13 @@ def rollout_records(root: Path, stride: int, offset: int, rollouts: int, step: i
                   f"{correct.mean():.3f}, {time.monotonic() - start:.1f} s", flush=True)
 
 
-def within_record_auroc(rows: list[dict], key: str) -> float:
-    """AUROC over pairs of one record's paths (one correct, one wrong); ties count half."""
-    hits = pairs = 0.0
-    for r in rows:
-        correct, score = np.array(r["correct"]), np.array(r[key])
-        d = score[correct][:, None] - score[~correct][None, :]
-        hits += (d > 0).sum() + 0.5 * (d == 0).sum()
-        pairs += d.size
-    return hits / pairs if pairs else float("nan")
-
-
 def overall(rows: list[dict], right: list[bool]) -> float:
-    """GenEval's overall score: the mean over tags of each tag's fraction of correct images."""
-    tags = sorted({r["tag"] for r in rows})
-    return float(np.mean([np.mean([ok for r, ok in zip(rows, right) if r["tag"] == t]) for t in tags]))
+    """GenEval's overall score (:func:`cotgen.geneval.scoring.summarize`: the mean over tags)
+    of one verdict per record."""
+    from cotgen.geneval.scoring import summarize
+
+    return summarize([{"tag": r["tag"], "metadata": str(r["index"]), "correct": ok} for r, ok in zip(rows, right)])[
+        "overall"]
 
 
 def keep_top(rows: list[dict], key: str, k: int) -> tuple[float, float]:
@@ -115,8 +107,10 @@ def analyse(rows: list[dict]) -> None:
     oracle = overall(rows, [any(r["correct"]) for r in rows])
     print(f"{len(rows)} records, N = {n} (GenEval-Shapes overall: the mean over tags): best-of-{n} {best:.3f} "
           f"({full:,} tokens per image), oracle {oracle:.3f}")
-    print(f"within-record AUROC at step {step}: judge potential {within_record_auroc(rows, 'potential'):.3f}, "
-          f"roll-out value {within_record_auroc(rows, 'rollout'):.3f}")
+    from cotgen.search.replay import within_group_auroc
+
+    judge, rollout = (within_group_auroc((r["correct"], r[key]) for r in rows) for key in ("potential", "rollout"))
+    print(f"within-record AUROC at step {step}: judge potential {judge:.3f}, roll-out value {rollout:.3f}")
     for k in (1, 2, 4, 6, 8):
         tokens = n * step * tps + k * (steps - step) * tps
         (judge, judge_kept), (rollout, rollout_kept) = keep_top(rows, "potential", k), keep_top(rows, "rollout", k)

@@ -274,14 +274,19 @@ def judge_on_records(records: Sequence[dict], ci: bool = True) -> dict:
 def _within_record_auroc(records: Sequence[dict], s: int) -> float | None:
     """P(potential after step s + 1 of a correct path > that of a wrong path of the same
     record), ties counted half, over all such pairs; None without one."""
+    return within_group_auroc(([p["correct"] for p in r["paths"]], [p["potential"][s] for p in r["paths"]])
+                              for r in records)
+
+
+def within_group_auroc(groups: Iterable[tuple[Sequence[bool], Sequence[float]]]) -> float | None:
+    """P(score of a positive > score of a negative of the same group), ties counted half,
+    over all such pairs of every ``(labels, scores)`` group; None without one."""
     wins = pairs = 0.0
-    for r in records:
-        pos = np.array([p["potential"][s] for p in r["paths"] if p["correct"]])
-        neg = np.array([p["potential"][s] for p in r["paths"] if not p["correct"]])
-        if len(pos) and len(neg):
-            diff = pos[:, None] - neg[None, :]
-            wins += (diff > 0).sum() + 0.5 * (diff == 0).sum()
-            pairs += diff.size
+    for labels, scores in groups:
+        labels, scores = np.asarray(labels, dtype=bool), np.asarray(scores, dtype=np.float64)
+        diff = scores[labels][:, None] - scores[~labels][None, :]
+        wins += (diff > 0).sum() + 0.5 * (diff == 0).sum()
+        pairs += diff.size
     return float(wins / pairs) if pairs else None
 
 
