@@ -12,7 +12,7 @@ import torch
 from cotgen.align.dpo import (
     build_trainer, dpo_config, lora_config, mask_text_logits, pair_logprob_margin, train_dpo, unmask_text_logits,
 )
-from cotgen.align.pairs import build_pairs, read_pairs, write_pairs
+from cotgen.align.pairs import build_pairs, read_pairs, threshold_sweep, write_pairs
 from cotgen.generator.model import ShapesGenerator
 
 from .test_generator import tiny_generator
@@ -62,6 +62,28 @@ def test_pairs_ranked_by_the_judge():
     assert [(p["prompt"], p["chosen"][0], p["rejected"][0]) for p in ranked] == [("a", 1, 2), ("b", 5, 4)]  # ties: the first
     assert stats["skipped_tied"] == 1  # c: every score equal
 
+
+
+def test_judge_pairs_leave_out_unsure_samples():
+    """With a reject threshold, samples scored between it and the yes threshold are neither
+    chosen nor rejected: a prompt whose only low-scored sample is unsure gives no pair."""
+    tokens, paths = labelled({"a": [False, True, False, False], "b": [True, False, False, False]})
+    scores = [0.6, 0.95, 0.35, 0.05, 0.9, 0.3, 0.4, 0.45]
+    pairs, stats = build_pairs(tokens, paths, scores=scores, threshold=0.8, reject_threshold=0.2)
+    assert [(p["prompt"], p["chosen"][0], p["rejected"][0]) for p in pairs] == [("a", 1, 3)]
+    assert stats["skipped_all_yes"] == 1  # b: a yes (0.9) but every other sample unsure
+    assert stats["unsure_rate"] == pytest.approx(5 / 8) and stats["label_agreement"] == 1.0
+    assert stats["yes_rate"] == pytest.approx(2 / 8)
+    loose, loose_stats = build_pairs(tokens, paths, scores=scores, threshold=0.5)  # without: b pairs 4 with 5 (0.3)
+    assert [(p["prompt"], p["chosen"][0], p["rejected"][0]) for p in loose] == [("a", 1, 3), ("b", 4, 5)]
+    assert loose_stats["unsure_rate"] == 0.0 and loose_stats["label_agreement"] == pytest.approx(7 / 8)  # a's 0.6
+    for bad in (0.8, 0.9):
+        with pytest.raises(ValueError, match="reject_threshold"):
+            build_pairs(tokens, paths, scores=scores, threshold=0.8, reject_threshold=bad)
+    sweep = threshold_sweep(tokens, paths, scores, thresholds=(0.5, 0.8), reject_thresholds=(None, 0.2, 0.6))
+    assert [(r["threshold"], r["reject_threshold"]) for r in sweep] == [(0.5, None), (0.5, 0.2), (0.8, None),
+                                                                        (0.8, 0.2), (0.8, 0.6)]
+    assert sweep[3]["pairs"] == 1 and sweep[3]["pair_agreement"] == 1.0 and sweep[0]["pairs"] == 2
 
 def test_pairs_file_passes_the_pairs_suite(tmp_path):
     from cotgen.pipeline.validation import DataValidationError, validate

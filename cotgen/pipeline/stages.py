@@ -813,13 +813,15 @@ def stage_pairs(params: dict, root: Path = Path("."), variant: str = "dpo") -> d
     sample ``samples_per_prompt`` images of ``num_prompts`` training prompts from the
     variant's starting generator, label them with the evaluator or (``labels: judge``,
     PARM-guided) the judge's outcome score, one (chosen, rejected) pair per prompt that
-    got both labels (:func:`cotgen.align.pairs.build_pairs`); ``heldout_fraction`` of the
+    got both labels (:func:`cotgen.align.pairs.build_pairs`; judge thresholds
+    ``judge_threshold`` / ``judge_reject_threshold``, the variant's own where it sets them,
+    and with judge labels a :func:`~cotgen.align.pairs.threshold_sweep` in the metrics); ``heldout_fraction`` of the
     prompts give held-out pairs (DPO's eval set). Writes ``PATHS["<variant>_pairs"]``
     (JSONL, checked by the ``pairs`` suite; empty, with a warning, when no prompt got both
     labels) and ``metrics/align_pairs_<variant>.json``."""
     import time
 
-    from cotgen.align.pairs import build_pairs, judge_scores, write_pairs
+    from cotgen.align.pairs import build_pairs, judge_scores, threshold_sweep, write_pairs
     from cotgen.generator.model import ShapesGenerator
     from cotgen.reward.data import sample_trajectories
     from cotgen.world.detector import ShapesDetector
@@ -843,8 +845,13 @@ def stage_pairs(params: dict, root: Path = Path("."), variant: str = "dpo") -> d
         scores = judge_scores(judge, generator, traj.tokens, [p["prompt"] for p in traj.paths])
     elif v["labels"] != "evaluator":
         raise ValueError(f"align.variants.{variant}.labels must be 'evaluator' or 'judge', got {v['labels']!r}")
+    threshold = v.get("judge_threshold", a["judge_threshold"])  # a variant may set its own
+    reject = v.get("judge_reject_threshold", a.get("judge_reject_threshold"))
     pairs, stats = build_pairs(traj.tokens, traj.paths, seed=a["seed"] + v["seed"], scores=scores,
-                               threshold=a["judge_threshold"], min_gap=a.get("judge_min_gap", 0.0))
+                               threshold=threshold, min_gap=a.get("judge_min_gap", 0.0), reject_threshold=reject)
+    if scores is not None:
+        stats.update(judge_threshold=threshold, judge_reject_threshold=reject,
+                     threshold_sweep=threshold_sweep(traj.tokens, traj.paths, scores))
     if not pairs:  # every prompt's samples got one label: the round has nothing to learn (the dpo stage is a no-op)
         import warnings
 
