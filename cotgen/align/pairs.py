@@ -5,8 +5,9 @@ Per prompt, the samples are labelled yes/no, either by the evaluator (detector +
 rules: ``paths[i]["correct"]`` of :func:`cotgen.reward.data.sample_trajectories`) or by
 the judge (PARM-guided DPO: the judge's outcome P(yes); "yes" when ``score >=
 threshold``, "no" when ``score <= reject_threshold`` or, without one, ``score <
-threshold``; a sample between the two is left out). A prompt gives one pair (chosen = a yes sample, rejected = a no sample);
-prompts whose samples all got the same label are skipped.
+threshold``; a sample between the two is left out). A prompt gives one pair (chosen = a
+yes sample, rejected = a no sample); prompts whose samples all got the same label are
+skipped.
 
 - evaluator labels: chosen and rejected are drawn at random (seeded) among the yes and
   the no samples;

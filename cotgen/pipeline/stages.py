@@ -815,8 +815,8 @@ def stage_pairs(params: dict, root: Path = Path("."), variant: str = "dpo") -> d
     PARM-guided) the judge's outcome score, one (chosen, rejected) pair per prompt that
     got both labels (:func:`cotgen.align.pairs.build_pairs`; judge thresholds
     ``judge_threshold`` / ``judge_reject_threshold``, the variant's own where it sets them,
-    and with judge labels a :func:`~cotgen.align.pairs.threshold_sweep` in the metrics); ``heldout_fraction`` of the
-    prompts give held-out pairs (DPO's eval set). Writes ``PATHS["<variant>_pairs"]``
+    and with judge labels a :func:`~cotgen.align.pairs.threshold_sweep` in the metrics);
+    ``heldout_fraction`` of the prompts give held-out pairs (DPO's eval set). Writes ``PATHS["<variant>_pairs"]``
     (JSONL, checked by the ``pairs`` suite; empty, with a warning, when no prompt got both
     labels) and ``metrics/align_pairs_<variant>.json``."""
     import time
