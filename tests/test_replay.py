@@ -105,8 +105,12 @@ def test_replay_matches_the_real_search(tiny_run, tmp_path):
 
     generator = ShapesGenerator.from_pretrained(root / PATHS["generator"])
     judge = ObjectJudge.from_pretrained(root / PATHS["judge"])
-    prompts = [m["prompt"] for m in load_metadata(root / PATHS["eval_prompts"])]
-    potentials = sorted(p["potential"][0] for r in records for p in r["paths"])
+    # every third prompt (each tag is there): a path's seed is (seed, prompt text, candidate),
+    # so a prompt draws the same paths in any batch, and the search need not cover them all
+    subset = [r for r in records if r["image"] == 0][::3]
+    prompts = [r["prompt"] for r in subset]
+    assert {r["tag"] for r in subset} == {m["tag"] for m in load_metadata(root / PATHS["eval_prompts"])}
+    potentials = sorted(p["potential"][0] for r in subset for p in r["paths"])
     middle = potentials[len(potentials) // 2]  # cuts about half the paths clear after step 1
     cases = [("best_of_n", {}), ("prm", {}), ("parm", {"potential_threshold": middle}),
              ("parm", {"potential_threshold": 0.0})]
@@ -114,7 +118,8 @@ def test_replay_matches_the_real_search(tiny_run, tmp_path):
     for strategy, knobs in cases:
         config = SearchConfig(strategy, clarity_threshold=0.0, **knobs)
         results = search(generator, judge, prompts, sampling_config(params, n), config)
-        for r, rec in zip(results, records):
+        assert len(results) == len(subset)
+        for r, rec in zip(results, subset):
             rep = replay(rec, strategy, n, clarity_threshold=0.0, **knobs)
             assert rep["chosen"] == r.chosen, (strategy, knobs, r.prompt)
             assert rep["image_tokens"] == r.compute["image_tokens"], (strategy, knobs, r.prompt)

@@ -14,7 +14,7 @@ from cotgen.reward.data import (
     Trajectories, concat_trajectories, judge_examples, label_images, render_trajectories, sample_trajectories, split_prompts,
 )
 from cotgen.reward.object_judge import ObjectJudge, ObjectJudgeConfig, ObjectJudgeModel, image_features
-from cotgen.reward.train import auroc_ci95, train_judge
+from cotgen.reward.train import auroc_by_ranks, auroc_ci95, train_judge
 from cotgen.world.render import render_scene
 from cotgen.world.vocab import SHAPES
 from tests.test_generator import tiny_generator
@@ -231,6 +231,28 @@ def test_auroc_interval_brackets_the_estimate_and_narrows_with_data():
         widths.append(high - low)
     assert widths[1] < widths[0] / 2
     assert auroc_ci95(np.array([1, 1, 0, 0, 0, 0, 0, 0]), rng.normal(size=8)) is None  # too few of a label
+
+
+def test_auroc_by_ranks_is_sklearns_auroc_for_every_resample():
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = (rng.random((20, 30)) < 0.3).astype(int)
+    s = np.round(rng.normal(size=(20, 30)) + y, 1)  # rounded: ties between and within labels
+    both = [0 < row.sum() < len(row) for row in y]
+    expected = [roc_auc_score(a, b) if ok else np.nan for a, b, ok in zip(y, s, both)]
+    np.testing.assert_allclose(auroc_by_ranks(y, s), expected, rtol=0, atol=1e-12)
+    assert np.isnan(auroc_by_ranks(np.ones(5, dtype=int), np.arange(5.0)))  # one label: no AUROC
+    # the interval is the bootstrap of sklearn's AUROC, resample for resample
+    yy, ss = y.ravel(), s.ravel()
+
+    def one_at_a_time(a, b):
+        return roc_auc_score(a, b) if 0 < a.sum() < len(a) else np.nan
+
+    slow = bootstrap((yy, ss), one_at_a_time, paired=True, vectorized=False, n_resamples=200,
+                     method="percentile", rng=np.random.default_rng(0)).confidence_interval
+    assert auroc_ci95(yy, ss, n_resamples=200) == pytest.approx([slow.low, slow.high], abs=1e-12)
 
 
 def test_perception_agreement_and_the_reflector_share_the_object_tokens():

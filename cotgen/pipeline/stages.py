@@ -352,11 +352,11 @@ def stage_judge(params: dict, root: Path = Path(".")) -> dict:
     """Train the judge (ORM outcome, PRM step, PARM clarity + potential) on the train
     prompts of the trajectories; writes ``data/judge`` and ``metrics/judge.json``
     (held-out AUROC and accuracy per question)."""
+    _validate("labels", root / PATHS["trajectories"], root)  # before the training libraries load: bad data fails fast
     from cotgen.reward.data import Trajectories, judge_examples
     from cotgen.reward.train import train_judge
 
     j = params["reward"]["judge"]
-    _validate("labels", root / PATHS["trajectories"], root)
     text, image_tokenizer = _load_generator_parts(root)
     traj = Trajectories.load(root / PATHS["trajectories"])
     examples = judge_examples(traj, params["reward"]["clarity_boundary"], steps_per_path=j["steps_per_path"],

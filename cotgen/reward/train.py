@@ -242,20 +242,41 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, ci: bool = False) -> 
     return out
 
 
+def auroc_by_ranks(labels: np.ndarray, scores: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC along ``axis`` by the Mann-Whitney rank sum: ``(R+ - n+(n+ + 1)/2) / (n+ n-)``
+    with ``R+`` the sum of the positives' ranks (ties get their average rank), which is
+    ``sklearn.metrics.roc_auc_score`` for every row at once.
+
+    Args:
+        labels: ``(..., n)`` 0/1 ints.
+        scores: ``(..., n)`` floats, the same shape.
+
+    Returns:
+        ``(...)`` float64 AUROC in [0, 1]; NaN where a row has only one label."""
+    from scipy.stats import rankdata
+
+    labels = np.asarray(labels)
+    ranks = rankdata(np.asarray(scores, dtype=float), axis=axis)
+    positives = labels.sum(axis=axis).astype(float)
+    negatives = labels.shape[axis] - positives
+    rank_sum = (ranks * labels).sum(axis=axis)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
+    return np.where((positives > 0) & (negatives > 0), auc, np.nan)
+
+
 def auroc_ci95(labels: np.ndarray, scores: np.ndarray, n_resamples: int = 1000, seed: int = 0) -> list[float] | None:
     """95% percentile-bootstrap interval of the AUROC (``scipy.stats.bootstrap``, paired
     resampling of (label, score), seeded); ``None`` with fewer than 5 examples of either
     label. Held-out sets here are small (the outcome question had 18 positives of 232), so
-    a point AUROC moves by several points between judge seeds; the interval says how much."""
+    a point AUROC moves by several points between judge seeds; the interval says how much.
+    Each resample's AUROC is :func:`auroc_by_ranks` (all resamples at once; the same value
+    as ``sklearn.metrics.roc_auc_score``)."""
     from scipy.stats import bootstrap
 
     labels = np.asarray(labels, dtype=int)
     if min(int(labels.sum()), int((1 - labels).sum())) < 5:
         return None
-
-    def statistic(y, s):
-        return roc_auc_score(y, s) if 0 < y.sum() < len(y) else np.nan
-
-    res = bootstrap((labels, np.asarray(scores, dtype=float)), statistic, paired=True, vectorized=False,
+    res = bootstrap((labels, np.asarray(scores, dtype=float)), auroc_by_ranks, paired=True, vectorized=True,
                     n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
     return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
