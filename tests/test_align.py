@@ -64,6 +64,23 @@ def test_pairs_ranked_by_the_judge():
 
 
 
+def test_a_variant_sets_its_own_pairs_knobs_but_not_the_base_seed():
+    from cotgen.pipeline.params import load_params
+    from cotgen.pipeline.stages import pairs_params
+
+    from .conftest import REPO
+
+    params = load_params(REPO / "params.yaml")
+    base = params["align"]["pairs"]
+    assert pairs_params(params, "dpo") == base  # the default variants set no pairs knob
+    params["align"]["variants"]["parm_dpo_iter"].update(judge_threshold=0.9, samples_per_prompt=16, seed=7)
+    own = pairs_params(params, "parm_dpo_iter")
+    assert own["judge_threshold"] == 0.9 and own["samples_per_prompt"] == 16
+    assert own["seed"] == base["seed"] and set(own) == set(base)  # seed is an offset; labels / init are not pairs knobs
+    with pytest.raises(KeyError, match="no DPO variant 'dpo3'.*parm_dpo_iter"):
+        pairs_params(params, "dpo3")
+
+
 def test_judge_pairs_leave_out_unsure_samples():
     """With a reject threshold, samples scored between it and the yes threshold are neither
     chosen nor rejected: a prompt whose only low-scored sample is unsure gives no pair."""

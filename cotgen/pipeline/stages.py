@@ -808,14 +808,29 @@ def _align_init_key(variant: str, params: dict) -> str:
     return "generator" if init == "generator" else f"{init}_generator"
 
 
+def pairs_params(params: dict, variant: str) -> dict:
+    """The ``align.pairs`` knobs of one DPO variant: ``params["align"]["pairs"]`` with the
+    variant's own value of any of them (e.g. ``judge_threshold``, ``samples_per_prompt``)
+    in their place, except ``seed``: a variant's ``seed`` is an offset added to it.
+
+    Raises:
+        KeyError: ``variant`` is not in ``align.variants`` (the message lists them)."""
+    variants = params["align"]["variants"]
+    if variant not in variants:
+        raise KeyError(f"no DPO variant {variant!r} in align.variants (have: {', '.join(variants)})")
+    base, own = params["align"]["pairs"], variants[variant]
+    return {**base, **{k: val for k, val in own.items() if k in base and k != "seed"}}
+
+
 def stage_pairs(params: dict, root: Path = Path("."), variant: str = "dpo") -> dict:
     """Preference pairs of one DPO variant (``params["align"]["variants"][variant]``):
     sample ``samples_per_prompt`` images of ``num_prompts`` training prompts from the
     variant's starting generator, label them with the evaluator or (``labels: judge``,
     PARM-guided) the judge's outcome score, one (chosen, rejected) pair per prompt that
     got both labels (:func:`cotgen.align.pairs.build_pairs`; judge thresholds
-    ``judge_threshold`` / ``judge_reject_threshold``, the variant's own where it sets them,
-    and with judge labels a :func:`~cotgen.align.pairs.threshold_sweep` in the metrics);
+    ``judge_threshold`` / ``judge_reject_threshold``; knobs from :func:`pairs_params`, so a
+    variant may set its own; with judge labels a
+    :func:`~cotgen.align.pairs.threshold_sweep` in the metrics);
     ``heldout_fraction`` of the prompts give held-out pairs (DPO's eval set). Writes ``PATHS["<variant>_pairs"]``
     (JSONL, checked by the ``pairs`` suite; empty, with a warning, when no prompt got both
     labels) and ``metrics/align_pairs_<variant>.json``."""
@@ -826,7 +841,7 @@ def stage_pairs(params: dict, root: Path = Path("."), variant: str = "dpo") -> d
     from cotgen.reward.data import sample_trajectories
     from cotgen.world.detector import ShapesDetector
 
-    a, v = params["align"]["pairs"], params["align"]["variants"][variant]
+    a, v = pairs_params(params, variant), params["align"]["variants"][variant]
     start = time.monotonic()
     _validate("prompts", root / PATHS["train_prompts"], root)
     generator = ShapesGenerator.from_pretrained(root / PATHS[_align_init_key(variant, params)])
@@ -845,8 +860,7 @@ def stage_pairs(params: dict, root: Path = Path("."), variant: str = "dpo") -> d
         scores = judge_scores(judge, generator, traj.tokens, [p["prompt"] for p in traj.paths])
     elif v["labels"] != "evaluator":
         raise ValueError(f"align.variants.{variant}.labels must be 'evaluator' or 'judge', got {v['labels']!r}")
-    threshold = v.get("judge_threshold", a["judge_threshold"])  # a variant may set its own
-    reject = v.get("judge_reject_threshold", a.get("judge_reject_threshold"))
+    threshold, reject = a["judge_threshold"], a.get("judge_reject_threshold")
     pairs, stats = build_pairs(traj.tokens, traj.paths, seed=a["seed"] + v["seed"], scores=scores,
                                threshold=threshold, min_gap=a.get("judge_min_gap", 0.0), reject_threshold=reject)
     if scores is not None:
