@@ -277,6 +277,7 @@ def auroc_ci95(labels: np.ndarray, scores: np.ndarray, n_resamples: int = 1000, 
     labels = np.asarray(labels, dtype=int)
     if min(int(labels.sum()), int((1 - labels).sum())) < 5:
         return None
+    # 100 resamples at a time: memory ~ 100 x len(labels) per array (the evaluation paths give 10^5 scores)
     res = bootstrap((labels, np.asarray(scores, dtype=float)), auroc_by_ranks, paired=True, vectorized=True,
-                    n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed))
+                    n_resamples=n_resamples, batch=100, method="percentile", rng=np.random.default_rng(seed))
     return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
