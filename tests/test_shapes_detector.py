@@ -119,9 +119,12 @@ def test_detect_batch_equals_detect(tiny):
     for image, batched in zip(images, tiny.detect_batch(images)):
         single = tiny.detect(image)
         for name in single:
-            assert [(d.box, round(d.score, 5)) for d in single[name]] == [
-                (d.box, round(d.score, 5)) for d in batched[name]
-            ]
+            # Same boxes; scores equal up to float rounding (a batch takes other BLAS paths: rounding
+            # to 5 decimals failed once on 0.214415 +- 1 ulp).
+            assert [d.box for d in single[name]] == [d.box for d in batched[name]]
+            assert [d.score for d in single[name]] == pytest.approx(
+                [d.score for d in batched[name]], abs=1e-5
+            )
 
 
 def test_training_is_deterministic(tiny_dir, tmp_path):
