@@ -120,7 +120,7 @@ def test_detect_batch_equals_detect(tiny):
         single = tiny.detect(image)
         for name in single:
             # Same boxes; scores equal up to float rounding (a batch takes other BLAS paths: rounding
-            # to 5 decimals failed once on 0.214415 +- 1 ulp).
+            # to 5 decimals failed once on two scores a float's last bits either side of 0.214415).
             assert [d.box for d in single[name]] == [d.box for d in batched[name]]
             assert [d.score for d in single[name]] == pytest.approx(
                 [d.score for d in batched[name]], abs=1e-5
